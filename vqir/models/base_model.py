@@ -1,0 +1,365 @@
+"""What every vqir model shares, on top of basicsr's ``BaseModel``.
+
+basicsr's ``BaseModel`` assumes CUDA in several places (DDP device ids, resume, saving) and
+knows only Adam. ``VQIRBaseModel`` fixes that in one place and adds what the stage models share:
+- the image convention of the networks: [0,1] RGB from the datasets <-> [-1,1] for the networks
+  (``network_color: bgr`` flips channels to reproduce the reference's stage-1 quirk);
+- checkpoint I/O through ``vqir.utils.checkpoint`` (weights_only loads, atomic writes) and
+  training states that also hold the RNG states, so a resumed run continues the same curve;
+- a guard against non-finite losses and gradients, and optional gradient clipping;
+- one validation loop for all stages: metrics from ``val.metrics`` (each names the output and
+  target it compares), images saved per output, a metrics CSV per dataset and a printed table.
+"""
+import csv
+import math
+import os
+import random
+from collections import OrderedDict
+from os import path as osp
+
+import numpy as np
+import torch
+from basicsr.metrics import calculate_metric
+from basicsr.models.base_model import BaseModel
+from basicsr.utils import get_root_logger, imwrite, tensor2img
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+from tqdm import tqdm
+
+from vqir.utils.checkpoint import atomic_torch_save, load_weights, save_state_dict
+from vqir.utils.dist import barrier, master_only
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive training steps with a non-finite loss or gradient."""
+
+
+def get_rng_state():
+    """All RNG states that drive training, as tensors and plain numbers (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        'random': random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state['random']
+    random.setstate((version, tuple(internal), gauss))
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+class VQIRBaseModel(BaseModel):
+    """Base of the stage models. Subclasses build ``self.net_g`` (and others), fill
+    ``self.output`` in ``test()``, and list what ``save()`` writes in ``self.saved_networks``."""
+
+    def __init__(self, opt):
+        super().__init__(opt)
+        if opt['num_gpu'] != 0 and torch.cuda.is_available():
+            self.device = torch.device('cuda', torch.cuda.current_device())
+        else:
+            self.device = torch.device('cpu')
+        self.network_color = opt.get('network_color', 'rgb')
+        if self.network_color not in ('rgb', 'bgr'):
+            raise ValueError(f"network_color must be 'rgb' or 'bgr', got {self.network_color!r}")
+        self.log_dict = OrderedDict()
+        self.saved_networks = OrderedDict()  # label -> network, written by save()
+        self.output = {}
+        self._bad_steps = 0
+
+    # ------------------------------------------------------------------ image conventions
+    def to_network(self, img):
+        """(B,3,H,W) RGB in [0,1] -> what the network sees: [-1,1], RGB (or BGR if asked)."""
+        x = img * 2 - 1
+        return x.flip(1) if self.network_color == 'bgr' else x
+
+    def from_network(self, x):
+        """Network output in [-1,1] -> (B,3,H,W) RGB in [0,1] (not clamped; saving clamps)."""
+        x = x.flip(1) if self.network_color == 'bgr' else x
+        return (x + 1) / 2
+
+    # ------------------------------------------------------------------ networks and optimisers
+    def model_to_device(self, net):
+        """Move to the device; wrap in DDP (CPU or GPU) or DataParallel when asked."""
+        net = net.to(self.device)
+        if self.opt['dist']:
+            device_ids = [self.device.index] if self.device.type == 'cuda' else None
+            net = DistributedDataParallel(net, device_ids=device_ids,
+                                          find_unused_parameters=self.opt.get('find_unused_parameters', False))
+        elif self.opt['num_gpu'] > 1:
+            net = DataParallel(net)
+        return net
+
+    def get_optimizer(self, optim_type, params, lr, **kwargs):
+        optim_class = getattr(torch.optim, optim_type, None)
+        if not (isinstance(optim_class, type) and issubclass(optim_class, torch.optim.Optimizer)):
+            raise ValueError(f'unknown optimizer type "{optim_type}" (any torch.optim optimizer, e.g. Adam, AdamW, SGD)')
+        return optim_class(params, lr, **kwargs)
+
+    def build_optimizer(self, key, params):
+        """Optimizer from ``train.<key>`` (``type`` + keyword arguments); the options are not mutated."""
+        optim_opt = dict(self.opt['train'][key])
+        optim_type = optim_opt.pop('type', 'Adam')
+        lr = optim_opt.pop('lr')
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError(f'train.{key}: no trainable parameters to optimise')
+        optimizer = self.get_optimizer(optim_type, params, lr, **optim_opt)
+        self.optimizers.append(optimizer)
+        return optimizer
+
+    def setup_schedulers(self):
+        """Like basicsr's, without consuming the options (so a resumed run can build them again)."""
+        sched_opt = self.opt['train'].get('scheduler')
+        if not sched_opt:
+            return
+        from basicsr.models import lr_scheduler
+        sched_opt = dict(sched_opt)
+        sched_type = sched_opt.pop('type')
+        classes = {'MultiStepLR': lr_scheduler.MultiStepRestartLR, 'MultiStepRestartLR': lr_scheduler.MultiStepRestartLR,
+                   'CosineAnnealingRestartLR': lr_scheduler.CosineAnnealingRestartLR}
+        if sched_type not in classes:
+            raise ValueError(f'unknown scheduler type "{sched_type}" (known: {", ".join(classes)})')
+        for optimizer in self.optimizers:
+            self.schedulers.append(classes[sched_type](optimizer, **sched_opt))
+
+    def get_bare_model(self, net):
+        if isinstance(net, (DataParallel, DistributedDataParallel)):
+            net = net.module
+        return net
+
+    @staticmethod
+    def freeze(module):
+        """Frozen parts stay in eval mode and get no gradients."""
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        return module
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_network(self, net, load_path, strict=True, param_key='auto', drop_prefixes=('loss.',)):
+        return load_weights(self.get_bare_model(net), load_path, strict=strict, param_key=param_key,
+                            drop_prefixes=drop_prefixes, logger=get_root_logger())
+
+    def load_pretrained(self, net, name, default_strict=True):
+        """Load ``path.pretrain_network_<name>`` if set (with ``strict_load_<name>``, ``param_key_<name>``)."""
+        path_opt = self.opt['path']
+        load_path = path_opt.get(f'pretrain_network_{name}')
+        if load_path is None:
+            return False
+        self.load_network(net, load_path, strict=path_opt.get(f'strict_load_{name}', default_strict),
+                          param_key=path_opt.get(f'param_key_{name}', 'auto'))
+        return True
+
+    @master_only
+    def save_network(self, net, net_label, current_iter, param_key='params'):
+        label = 'latest' if current_iter == -1 else current_iter
+        save_path = osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth')
+        save_state_dict({param_key: self.get_bare_model(net).state_dict()}, save_path)
+
+    def save(self, epoch, current_iter):
+        for label, net in self.saved_networks.items():
+            self.save_network(net, label, current_iter)
+        self.save_training_state(epoch, current_iter)
+        barrier()
+
+    @master_only
+    def save_training_state(self, epoch, current_iter):
+        """Written after the networks and atomically: a present ``<iter>.state`` is always complete."""
+        if current_iter == -1:
+            return
+        state = {
+            'epoch': epoch,
+            'iter': current_iter,
+            'optimizers': [o.state_dict() for o in self.optimizers],
+            'schedulers': [s.state_dict() for s in self.schedulers],
+            'rng': get_rng_state(),
+            'networks': list(self.saved_networks),
+        }
+        atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+    def resume_training(self, resume_state):
+        if len(resume_state['optimizers']) != len(self.optimizers):
+            raise ValueError(f'training state has {len(resume_state["optimizers"])} optimizers, '
+                             f'this model has {len(self.optimizers)}')
+        for optimizer, state in zip(self.optimizers, resume_state['optimizers']):
+            optimizer.load_state_dict(state)
+        for scheduler, state in zip(self.schedulers, resume_state['schedulers']):
+            scheduler.load_state_dict(state)
+        if 'rng' in resume_state:
+            set_rng_state(resume_state['rng'])
+
+    # ------------------------------------------------------------------ safe optimisation steps
+    def losses_are_finite(self, loss_dict):
+        """False (and the step must be skipped) when any loss is NaN/inf; stops the run after
+        ``train.max_bad_steps`` consecutive bad steps (default 10)."""
+        bad = [name for name, value in loss_dict.items() if torch.is_tensor(value) and not torch.isfinite(value).all()]
+        return self._record_step(bad, 'loss')
+
+    def gradients_are_finite(self, params, name):
+        bad = not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+        return self._record_step([name] if bad else [], 'gradient of')
+
+    def _record_step(self, bad, what):
+        if not bad:
+            return True
+        self._bad_steps += 1
+        limit = self.opt['train'].get('max_bad_steps', 10)
+        logger = get_root_logger()
+        logger.warning(f'non-finite {what} {", ".join(bad)}: step skipped ({self._bad_steps} in a row, limit {limit})')
+        if self._bad_steps >= limit:
+            raise NonFiniteLossError(f'{self._bad_steps} consecutive steps with a non-finite {what} {", ".join(bad)}; '
+                                     'stopping. The last good checkpoint is kept in '
+                                     f'{self.opt["path"].get("models")}')
+        return False
+
+    def step_succeeded(self):
+        self._bad_steps = 0
+
+    def backward_and_step(self, loss, optimizer, params, name):
+        """Backward, check gradients, clip (``train.grad_clip_norm``), step. Returns False if skipped."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in params if p.requires_grad]
+        if not self.gradients_are_finite(params, name):
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        clip = self.opt['train'].get('grad_clip_norm')
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        return True
+
+    # ------------------------------------------------------------------ validation
+    def get_current_visuals(self):
+        """Every output and target of the last ``test()`` as (1,3,h,w) RGB tensors in [0,1] on the CPU."""
+        visuals = OrderedDict()
+        for key, value in self.output.items():
+            visuals[key] = value.detach().float().cpu()
+        for key, value in getattr(self, 'targets', {}).items():
+            visuals[key] = value.detach().float().cpu()
+        return visuals
+
+    def dist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        # Validation runs on rank 0 only, on the bare network, so no collective op can hang.
+        if self.opt['rank'] == 0:
+            self.nondist_validation(dataloader, current_iter, tb_logger, save_img)
+        barrier()
+
+    def saved_outputs(self):
+        """Names of the outputs written as images (subclasses list theirs)."""
+        return list(self.opt.get('val', {}).get('outputs') or self.default_saved_outputs)
+
+    default_saved_outputs = ()
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        val_opt = self.opt.get('val') or {}
+        dataset_name = dataloader.dataset.opt['name']
+        metric_opts = OrderedDict(val_opt.get('metrics') or {})
+        is_test = not self.opt['is_train']
+        rows = []
+        max_images = val_opt.get('max_images')
+        pbar = tqdm(total=len(dataloader) if not max_images else min(max_images, len(dataloader)), unit='image',
+                    desc=f'{dataset_name}', dynamic_ncols=True, disable=not val_opt.get('pbar', True))
+        metric_opts = self._drop_unavailable_metrics(metric_opts)
+        for idx, val_data in enumerate(dataloader):
+            if max_images and idx >= max_images:
+                break
+            img_name = osp.splitext(osp.basename(val_data.get('gt_path', val_data.get('lq_path'))[0]))[0]
+            self.feed_data(val_data)
+            self.test()
+            visuals = self.get_current_visuals()
+            images = {key: tensor2img(value.clone()) for key, value in visuals.items()}
+            row = OrderedDict(image=img_name)
+            for metric_name, opt_ in metric_opts.items():
+                opt_ = dict(opt_)
+                output_key, target_key = opt_.pop('output'), opt_.pop('target')
+                opt_.pop('better', None)
+                opt_.pop('optional', None)
+                if output_key not in images or target_key not in images:
+                    continue
+                row[metric_name] = float(calculate_metric({'img': images[output_key], 'img2': images[target_key]}, opt_))
+            rows.append(row)
+            if save_img:
+                for key in self.saved_outputs():
+                    if key not in images:
+                        continue
+                    if is_test:
+                        save_path = osp.join(self.opt['path']['results_root'], dataset_name, key, f'{img_name}.png')
+                    else:
+                        save_path = osp.join(self.opt['path']['visualization'], dataset_name, key,
+                                             f'{img_name}_{current_iter}.png')
+                    imwrite(images[key], save_path)
+            pbar.update(1)
+            pbar.set_postfix_str(img_name)
+        pbar.close()
+        means = self._summarise_metrics(rows, dataset_name, current_iter, tb_logger)
+        self.last_validation = {'dataset': dataset_name, 'rows': rows, 'mean': means}
+        return means
+
+    @staticmethod
+    def _drop_unavailable_metrics(metric_opts):
+        """Metrics marked ``optional: true`` whose weights are not on this machine are skipped
+        (with a warning naming the missing file); without ``optional`` the run stops at start."""
+        from vqir.utils.lpips_weights import LPIPSWeightsNotFoundError, lpips_backbone_path
+        kept = OrderedDict()
+        for name, opt_ in metric_opts.items():
+            if opt_.get('type') == 'calculate_lpips':
+                try:
+                    lpips_backbone_path(opt_.get('net', 'vgg'))
+                except LPIPSWeightsNotFoundError as err:
+                    if not opt_.get('optional', False):
+                        raise
+                    get_root_logger().warning(f'metric {name} skipped: {err}')
+                    continue
+            kept[name] = opt_
+        return kept
+
+    def _summarise_metrics(self, rows, dataset_name, current_iter, tb_logger):
+        columns = [c for c in (rows[0].keys() if rows else []) if c != 'image']
+        means = OrderedDict((c, float(np.mean([r[c] for r in rows if c in r]))) for c in columns)
+        logger = get_root_logger()
+        if not columns:
+            return means
+        if self.opt['is_train']:
+            out_dir = self.opt['path']['visualization']
+            csv_path = osp.join(out_dir, f'metrics_{dataset_name}_{current_iter}.csv')
+        else:
+            out_dir = self.opt['path']['results_root']
+            csv_path = osp.join(out_dir, f'metrics_{dataset_name}.csv')
+        os.makedirs(out_dir, exist_ok=True)
+        with open(csv_path, 'w', newline='', encoding='utf-8') as f:
+            writer = csv.writer(f)
+            writer.writerow(['image'] + columns)
+            for r in rows:
+                writer.writerow([r['image']] + [f'{r[c]:.4f}' if c in r else '' for c in columns])
+            writer.writerow(['mean'] + [f'{means[c]:.4f}' for c in columns])
+        logger.info(format_metrics_table(rows, columns, means, title=f'{dataset_name} @ {current_iter}'))
+        logger.info(f'metrics written to {csv_path}')
+        if tb_logger is not None:
+            for c, v in means.items():
+                if math.isfinite(v):
+                    tb_logger.add_scalar(f'metrics/{dataset_name}/{c}', v, current_iter)
+        return means
+
+
+def format_metrics_table(rows, columns, means, title=''):
+    """A plain-text table: one row per image, then the mean."""
+    name_w = max([len('image'), len('mean')] + [len(r['image']) for r in rows])
+    col_w = [max(len(c), 9) for c in columns]
+    line = '-' * (name_w + sum(w + 3 for w in col_w))
+    out = [title, line, 'image'.ljust(name_w) + ''.join(' | ' + c.rjust(w) for c, w in zip(columns, col_w)), line]
+    for r in rows:
+        out.append(r['image'].ljust(name_w)
+                   + ''.join(' | ' + (f'{r[c]:.4f}' if c in r else '').rjust(w) for c, w in zip(columns, col_w)))
+    out.append(line)
+    out.append('mean'.ljust(name_w) + ''.join(' | ' + f'{means[c]:.4f}'.rjust(w) for c, w in zip(columns, col_w)))
+    return '\n'.join(out)

@@ -1,0 +1,76 @@
+"""The test loop: every test set of an options file through the model's validation.
+
+Writes ``results/<name>/<test set>/<output>/<image>.png`` and ``results/<name>/metrics_<test set>.csv``
+(per image and mean), and prints a table of the means of all test sets at the end.
+"""
+import logging
+import os
+import sys
+from os import path as osp
+
+import torch
+from basicsr.data import build_dataloader, build_dataset
+from basicsr.models import build_model
+from basicsr.utils import get_env_info, get_root_logger, get_time_str, mkdir_and_rename
+
+from vqir.utils.options import dict2str, parse_options
+
+
+def test_pipeline(root_path, argv=None):
+    opt, _ = parse_options(root_path, is_train=False, argv=argv)
+    torch.backends.cudnn.benchmark = bool(opt.get('cudnn_benchmark', True))
+    if opt['rank'] == 0:
+        mkdir_and_rename(opt['path']['results_root'])
+    log_file = osp.join(opt['path']['log'], f"test_{opt['name']}_{get_time_str()}.log")
+    logger = get_root_logger(logger_name='basicsr', log_level=logging.INFO, log_file=log_file)
+    logger.info(get_env_info())
+    logger.info(dict2str(opt))
+
+    test_loaders = []
+    for _, dataset_opt in sorted(opt['datasets'].items()):
+        test_set = build_dataset(dataset_opt)
+        test_loaders.append(build_dataloader(test_set, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'],
+                                             sampler=None, seed=opt['manual_seed']))
+        logger.info(f"Number of test images in {dataset_opt['name']}: {len(test_set)}")
+
+    model = build_model(opt)
+    save_img = (opt.get('val') or {}).get('save_img', True)
+    summary = []
+    for test_loader in test_loaders:
+        name = test_loader.dataset.opt['name']
+        logger.info(f'Testing {name}...')
+        model.validation(test_loader, current_iter=opt['name'], tb_logger=None, save_img=save_img)
+        result = getattr(model, 'last_validation', None)
+        if result is not None:
+            summary.append((name, result['mean'], len(result['rows'])))
+    if summary:
+        logger.info(format_summary(summary))
+    logger.info(f"Results in {opt['path']['results_root']}")
+    return model
+
+
+def format_summary(summary):
+    columns = []
+    for _, means, _ in summary:
+        columns += [c for c in means if c not in columns]
+    name_w = max(len('test set'), *(len(n) for n, _, _ in summary))
+    header = 'test set'.ljust(name_w) + ' | images' + ''.join(f' | {c:>9}' for c in columns)
+    lines = ['Mean metrics per test set', '-' * len(header), header, '-' * len(header)]
+    for name, means, count in summary:
+        cells = ''.join(f' | {means[c]:9.4f}' if c in means else f' | {"":>9}' for c in columns)
+        lines.append(f'{name.ljust(name_w)} | {count:6d}{cells}')
+    return '\n'.join(lines)
+
+
+def project_root():
+    return osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
+
+
+def main(argv=None):
+    try:
+        test_pipeline(project_root(), argv)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if os.environ.get('VQIR_TRACEBACK'):
+            raise
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,252 @@
+"""Command line and YAML options, the way BasicSR users know them, checked before anything runs.
+
+Differences from ``basicsr.utils.options.parse_options`` (which we otherwise follow):
+- the distributed backend follows the hardware (gloo on CPU, NCCL on CUDA);
+- ``--force_yml a:b=value`` is parsed as YAML, never ``exec``-ed;
+- unknown top-level keys and values of the wrong type are errors that name the file and key,
+  instead of being ignored or failing deep inside a run.
+"""
+import argparse
+import os
+import random
+from collections import OrderedDict
+from os import path as osp
+
+import torch
+import yaml
+from basicsr.utils import set_random_seed
+from basicsr.utils.options import dict2str, ordered_yaml  # noqa: F401  (dict2str re-exported)
+
+from .dist import get_dist_info, init_dist, master_only
+
+
+class OptionsError(ValueError):
+    """A problem with an options file; the message names the file and the key."""
+
+
+# Top-level keys of an options file. ``network_*`` (any suffix) is allowed as well.
+KNOWN_TOP_LEVEL_KEYS = {
+    'name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'path', 'train', 'val',
+    'logger', 'dist_params', 'find_unused_parameters', 'cudnn_benchmark', 'network_color',
+    'inference', 'ir_scale', 'stage',
+}
+KNOWN_PATH_KEYS_PREFIXES = ('pretrain_network_', 'strict_load_', 'param_key_')
+KNOWN_PATH_KEYS = {'resume_state', 'root', 'ignore_resume_networks', 'results_root', 'experiments_root',
+                   'models', 'training_states', 'log', 'visualization'}
+KNOWN_LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb', 'keep_checkpoints'}
+KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images'}
+
+
+def load_options_file(opt_path):
+    """Read an options YAML into an OrderedDict; one clear error for every way it can be wrong."""
+    if not osp.isfile(opt_path):
+        raise OptionsError(f'{opt_path}: options file not found')
+    try:
+        with open(opt_path, encoding='utf-8') as f:
+            opt = yaml.load(f, Loader=ordered_yaml()[0])
+    except yaml.YAMLError as err:
+        mark = getattr(err, 'problem_mark', None)
+        where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else ''
+        raise OptionsError(f'{opt_path}: not valid YAML{where}: {getattr(err, "problem", err)}') from None
+    except UnicodeDecodeError:
+        raise OptionsError(f'{opt_path}: not a text file') from None
+    if not isinstance(opt, dict):
+        raise OptionsError(f'{opt_path}: expected a mapping of options at the top level, got {type(opt).__name__}')
+    return opt
+
+
+def _expect(cond, opt_path, key, what):
+    if not cond:
+        raise OptionsError(f'{opt_path}: option {key} {what}')
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_options(opt, opt_path, is_train):
+    """Reject unknown keys and wrong types early, naming the file and the key."""
+    for key in opt:
+        if key not in KNOWN_TOP_LEVEL_KEYS and not key.startswith('network_'):
+            raise OptionsError(f'{opt_path}: unknown option key "{key}" '
+                               f'(known: {", ".join(sorted(KNOWN_TOP_LEVEL_KEYS))}, network_*)')
+    for key in ('name', 'model_type'):
+        _expect(isinstance(opt.get(key), str) and opt.get(key), opt_path, key, 'is required and must be a string')
+    num_gpu = opt.setdefault('num_gpu', 'auto')
+    _expect(num_gpu == 'auto' or (isinstance(num_gpu, int) and num_gpu >= 0), opt_path, 'num_gpu',
+            f'must be "auto" or a non-negative integer, got {num_gpu!r}')
+    seed = opt.get('manual_seed')
+    _expect(seed is None or isinstance(seed, int), opt_path, 'manual_seed', f'must be an integer, got {seed!r}')
+    datasets = opt.get('datasets')
+    _expect(isinstance(datasets, dict) and datasets, opt_path, 'datasets', 'is required and must be a mapping')
+    for phase, dataset in datasets.items():
+        _expect(isinstance(dataset, dict), opt_path, f'datasets:{phase}', 'must be a mapping')
+        _expect(isinstance(dataset.get('type'), str), opt_path, f'datasets:{phase}:type', 'is required')
+        if is_train:
+            _expect(phase == 'train' or phase.startswith('val'), opt_path, f'datasets:{phase}',
+                    'is not a valid phase in a training file (use train, val, val_1, ...)')
+    for key, value in opt.items():
+        if key.startswith('network_'):
+            _expect(isinstance(value, dict) and isinstance(value.get('type'), str), opt_path, key,
+                    'must be a mapping with a "type"')
+    path = opt.setdefault('path', OrderedDict())
+    _expect(isinstance(path, dict), opt_path, 'path', 'must be a mapping')
+    for key in path:
+        _expect(key in KNOWN_PATH_KEYS or key.startswith(KNOWN_PATH_KEYS_PREFIXES), opt_path, f'path:{key}',
+                'is not a known path key')
+    for section, known in (('logger', KNOWN_LOGGER_KEYS), ('val', KNOWN_VAL_KEYS)):
+        if opt.get(section) is not None:
+            _expect(isinstance(opt[section], dict), opt_path, section, 'must be a mapping')
+            for key in opt[section]:
+                _expect(key in known, opt_path, f'{section}:{key}', f'is not a known {section} key ({", ".join(sorted(known))})')
+    if is_train:
+        train = opt.get('train')
+        _expect(isinstance(train, dict), opt_path, 'train', 'is required for training')
+        _expect(isinstance(train.get('total_iter'), int) and train['total_iter'] > 0, opt_path, 'train:total_iter',
+                'must be a positive integer')
+        _expect('train' in datasets, opt_path, 'datasets:train', 'is required for training')
+        for key, value in train.items():
+            if key.startswith('optim_') and isinstance(value, dict):
+                lr = value.get('lr')
+                _expect(_is_number(lr), opt_path, f'train:{key}:lr',
+                        f'must be a number, got {lr!r} (YAML reads 1e-4 as a string: write !!float 1e-4)')
+        logger = opt.setdefault('logger', OrderedDict())
+        for key in ('print_freq', 'save_checkpoint_freq'):
+            logger.setdefault(key, 100 if key == 'print_freq' else 5000)
+            _expect(isinstance(logger[key], int) and logger[key] > 0, opt_path, f'logger:{key}', 'must be a positive integer')
+    if opt.get('val') is not None and 'val_freq' in opt['val']:
+        _expect(_is_number(opt['val']['val_freq']) and opt['val']['val_freq'] > 0, opt_path, 'val:val_freq',
+                'must be a positive number')
+
+
+def apply_force_yml(opt, entries, opt_path='--force_yml'):
+    """Apply ``a:b:c=value`` overrides; values are parsed as YAML (``1e-4`` stays a number)."""
+    for entry in entries or []:
+        if '=' not in entry:
+            raise OptionsError(f'{opt_path}: "{entry}" is not of the form key:sub=value')
+        keys, value = entry.split('=', 1)
+        keys = [k.strip() for k in keys.split(':')]
+        try:
+            value = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            value = value.strip()
+        if isinstance(value, str):  # 1e-4 without a dot is a string to PyYAML
+            try:
+                value = float(value) if value.lower() not in ('nan', 'inf', '-inf') else value
+            except ValueError:
+                pass
+        node = opt
+        for depth, key in enumerate(keys[:-1]):
+            if not isinstance(node.get(key), dict):
+                raise OptionsError(f'{opt_path}: cannot set {":".join(keys)}: {":".join(keys[:depth + 1])} is not a mapping')
+            node = node[key]
+        node[keys[-1]] = value
+
+
+def build_arg_parser(is_train):
+    parser = argparse.ArgumentParser(description=('Train' if is_train else 'Test') + ' a vqir model from an options YAML.')
+    parser.add_argument('-opt', type=str, required=True, help='Path to the option YAML file.')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none', help='job launcher')
+    parser.add_argument('--auto_resume', action='store_true', help='resume from the newest training state')
+    parser.add_argument('--debug', action='store_true', help='debug mode: name gets a debug_ prefix, frequent logs')
+    parser.add_argument('--local_rank', type=int, default=0)
+    parser.add_argument('--force_yml', nargs='+', default=None,
+                        help='override options, e.g. train:total_iter=100 datasets:train:batch_size_per_gpu=2')
+    if not is_train:
+        parser.add_argument('--tile', type=int, default=None, help='tile size in HR pixels (0 = never tile)')
+        parser.add_argument('--tile_overlap', type=int, default=None, help='overlap between tiles in HR pixels')
+    return parser
+
+
+def parse_options(root_path, is_train=True, argv=None):
+    """Parse the command line and the options file; set up distributed training and seeds.
+
+    Returns (opt, args). Experiments go to ``<root>/experiments/<name>``, test results to
+    ``<root>/results/<name>``, where root is ``path:root`` from the file or ``root_path``.
+    """
+    args = build_arg_parser(is_train).parse_args(argv)
+    opt = load_options_file(args.opt)
+    apply_force_yml(opt, args.force_yml, args.opt)
+    if not is_train and args.tile is not None:
+        opt.setdefault('inference', OrderedDict())['tile'] = args.tile
+    if not is_train and args.tile_overlap is not None:
+        opt.setdefault('inference', OrderedDict())['tile_overlap'] = args.tile_overlap
+    check_options(opt, args.opt, is_train)
+    root_path = osp.abspath(osp.expanduser(opt['path'].get('root') or root_path))
+    opt['root_path'] = root_path
+    opt['opt_path'] = osp.abspath(args.opt)
+
+    if args.launcher == 'none':
+        opt['dist'] = False
+    else:
+        opt['dist'] = True
+        init_dist(args.launcher, **(opt.get('dist_params') or {}))
+    opt['rank'], opt['world_size'] = get_dist_info()
+
+    seed = opt.get('manual_seed')
+    if seed is None:
+        seed = random.randint(1, 10000)
+        opt['manual_seed'] = seed
+    set_random_seed(seed + opt['rank'])
+
+    opt['auto_resume'] = args.auto_resume
+    opt['is_train'] = is_train
+    if args.debug and not opt['name'].startswith('debug'):
+        opt['name'] = 'debug_' + opt['name']
+    if opt['num_gpu'] == 'auto':
+        opt['num_gpu'] = torch.cuda.device_count()
+    elif opt['num_gpu'] > 0 and not torch.cuda.is_available():
+        raise OptionsError(f'{args.opt}: num_gpu is {opt["num_gpu"]} but no CUDA device is available '
+                           '(use num_gpu: auto or 0 to run on the CPU)')
+
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'] = phase.split('_')[0]
+        if 'scale' in opt:
+            dataset['scale'] = opt['scale']
+        for key in ('dataroot_gt', 'dataroot_lq', 'dataroot_LR', 'meta_info_file'):
+            if isinstance(dataset.get(key), str):
+                dataset[key] = _resolve(dataset[key], root_path)
+
+    for key, val in opt['path'].items():
+        if isinstance(val, str) and ('resume_state' in key or 'pretrain_network' in key):
+            opt['path'][key] = _resolve(val, root_path)
+
+    if is_train:
+        experiments_root = osp.join(root_path, 'experiments', opt['name'])
+        opt['path'].update(experiments_root=experiments_root,
+                           models=osp.join(experiments_root, 'models'),
+                           training_states=osp.join(experiments_root, 'training_states'),
+                           log=experiments_root,
+                           visualization=osp.join(experiments_root, 'visualization'))
+        if 'debug' in opt['name']:
+            if opt.get('val') is not None:
+                opt['val']['val_freq'] = 8
+            opt['logger']['print_freq'] = 1
+            opt['logger']['save_checkpoint_freq'] = 8
+    else:
+        results_root = osp.join(root_path, 'results', opt['name'])
+        opt['path'].update(results_root=results_root, log=results_root,
+                           visualization=osp.join(results_root, 'visualization'))
+    return opt, args
+
+
+def _resolve(path, root_path):
+    """Relative data/weight paths are taken from the current directory when they exist there,
+    otherwise from the project root (so the shipped options work from any directory)."""
+    path = osp.expanduser(path)
+    if osp.isabs(path) or osp.exists(path):
+        return osp.abspath(path)
+    return osp.join(root_path, path)
+
+
+@master_only
+def copy_opt_file(opt_file, experiments_root):
+    """Copy the options file into the experiment folder, headed by the command that ran it."""
+    import sys
+    import time
+    os.makedirs(experiments_root, exist_ok=True)
+    target = osp.join(experiments_root, osp.basename(opt_file))
+    with open(opt_file, encoding='utf-8') as f:
+        content = f.read()
+    with open(target, 'w', encoding='utf-8') as f:
+        f.write(f'# GENERATE TIME: {time.asctime()}\n# CMD:\n# {" ".join(sys.argv)}\n\n{content}')
