@@ -1,0 +1,392 @@
+"""HRImageDataset and MultiScaleHRDataset: crops, alignment of gt / lq / levels, file formats, errors."""
+import importlib.util
+import logging
+import os
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from basicsr.utils.matlab_functions import imresize
+from basicsr.utils.registry import DATASET_REGISTRY
+
+from vqir.data.hr_image_dataset import PIPELINE_KEYS, HRImageDataset
+from vqir.data.multiscale_hr_dataset import MultiScaleHRDataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # dataloader workers run datasets single-threaded; the many tiny resizes are slower with more
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def random_rgb(height, width, seed, dtype=np.uint8):
+    top = np.iinfo(dtype).max
+    return np.random.RandomState(seed).randint(0, top + 1, (height, width, 3)).astype(dtype)
+
+
+def write_rgb(path, rgb):
+    """Write an (H, W, 3) RGB or (H, W) gray or (H, W, 4) RGBA array as PNG."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if rgb.ndim == 3 and rgb.shape[2] == 3:
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    elif rgb.ndim == 3 and rgb.shape[2] == 4:
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_RGBA2BGRA)
+    assert cv2.imwrite(str(path), rgb)
+
+
+def as_float(rgb):
+    """uint8 / uint16 RGB (H, W, 3) -> float32 (3, H, W) tensor in [0, 1]."""
+    top = np.float32(np.iinfo(rgb.dtype).max)
+    return torch.from_numpy(rgb.astype(np.float32) / top).permute(2, 0, 1).contiguous()
+
+
+def bicubic(chw, factor):
+    return imresize(chw, 1.0 / factor)
+
+
+def dihedral(x):
+    """The 8 flips/rotations of a (C, H, W) tensor (the group basicsr's augment draws from)."""
+    out = []
+    for k in range(4):
+        r = torch.rot90(x, k, dims=(1, 2))
+        out += [r, torch.flip(r, dims=(2, ))]
+    return out
+
+
+def find_in(full, patch):
+    """All (top, left, k) where dihedral(patch)[k] equals full[:, top:top+h, left:left+w]."""
+    hits = []
+    for k, cand in enumerate(dihedral(patch)):
+        h, w = cand.shape[1:]
+        corner_matches = (full[:, :full.shape[1] - h + 1, :full.shape[2] - w + 1] == cand[:, :1, :1]).all(0)
+        for top, left in corner_matches.nonzero().tolist():
+            if torch.equal(full[:, top:top + h, left:left + w], cand):
+                hits.append((top, left, k))
+    return hits
+
+
+def make_dataset(cls=HRImageDataset, **opt):
+    return cls(opt)
+
+
+# -------------------------------------------------------------------------------------------------
+# registry and options
+
+
+def test_registered_names():
+    assert DATASET_REGISTRY.get('HRImageDataset') is HRImageDataset
+    assert DATASET_REGISTRY.get('MultiScaleHRDataset') is MultiScaleHRDataset
+
+
+def test_unknown_option_key_is_named(tmp_path):
+    write_rgb(tmp_path / 'hr' / 'a.png', random_rgb(32, 32, 0))
+    with pytest.raises(ValueError, match=r"'use_flip' \(did you mean 'use_hflip'\?\)"):
+        make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr'), gt_size=16, use_flip=True)
+    with pytest.raises(ValueError, match="'random_downscale'"):  # a MultiScaleHRDataset-only key
+        make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr'), random_downscale=False)
+    # the keys basicsr's pipeline adds are accepted
+    standard = {key: None for key in PIPELINE_KEYS}
+    standard.update(phase='val', name='x', type='HRImageDataset', scale=16)
+    assert len(make_dataset(dataroot_gt=str(tmp_path / 'hr'), **standard)) == 1
+
+
+@pytest.mark.parametrize('opt, message', [
+    (dict(phase='train', gt_size=40, ir_scale=16), "'gt_size' must be a positive multiple of 16"),
+    (dict(phase='train', ir_scale=16), "'gt_size'"),
+    (dict(phase='val', ir_scale=8), "'ir_scale' must be one of"),
+    (dict(phase='val', color='bgr'), "'color' must be 'rgb'"),
+    (dict(phase='val', mod_crop=True), "'mod_crop' needs 'ir_scale'"),
+    (dict(phase='val', dataroot_lq='somewhere'), "'dataroot_lq' needs 'ir_scale'"),
+    (dict(phase='val', io_backend={'type': 'memcached'}), "io_backend type must be 'disk' or 'lmdb'"),
+    (dict(), "'phase' is required"),
+])
+def test_bad_options(tmp_path, opt, message):
+    write_rgb(tmp_path / 'hr' / 'a.png', random_rgb(32, 32, 0))
+    with pytest.raises(ValueError, match=message):
+        make_dataset(dataroot_gt=str(tmp_path / 'hr'), **opt)
+
+
+def test_empty_and_missing_folder(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'notes.txt').write_text('not an image')
+    with pytest.raises(ValueError, match=f'no image files .* found in folder: {tmp_path / "empty"}'):
+        make_dataset(phase='val', dataroot_gt=str(tmp_path / 'empty'))
+    with pytest.raises(FileNotFoundError, match='missing'):
+        make_dataset(phase='val', dataroot_gt=str(tmp_path / 'missing'))
+
+
+def test_corrupt_file_is_named(tmp_path):
+    write_rgb(tmp_path / 'hr' / 'a_good.png', random_rgb(32, 32, 0))
+    (tmp_path / 'hr' / 'b_garbage.png').write_bytes(b'this is not a png')
+    ok, png = cv2.imencode('.png', random_rgb(32, 32, 1))
+    (tmp_path / 'hr' / 'c_truncated.png').write_bytes(png.tobytes()[:200])
+    ds = make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr'), ir_scale=16)
+    assert ds[0]['gt'].shape == (3, 32, 32)
+    for index, name in ((1, 'b_garbage.png'), (2, 'c_truncated.png')):
+        with pytest.raises(ValueError, match=f'cannot decode image .*{name}'):
+            ds[index]
+
+
+# -------------------------------------------------------------------------------------------------
+# HRImageDataset geometry
+
+
+def test_train_crop_augment_and_on_the_fly_lq(tmp_path):
+    src = random_rgb(80, 72, 0)
+    write_rgb(tmp_path / 'hr' / 'a.png', src)
+    ds = make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr'), gt_size=32, ir_scale=16)
+    random.seed(0)
+    transforms_seen = set()
+    for _ in range(12):
+        item = ds[0]
+        assert set(item) == {'gt', 'lq', 'gt_path', 'lq_path'}
+        assert item['gt'].shape == (3, 32, 32) and item['lq'].shape == (3, 2, 2)
+        assert item['gt'].dtype == torch.float32 and item['lq'].dtype == torch.float32
+        assert item['lq_path'] == item['gt_path'] == str(tmp_path / 'hr' / 'a.png')
+        # gt is a flipped / rotated window of the source (RGB, /255), lq its exact bicubic
+        hits = find_in(as_float(src), item['gt'])
+        assert len(hits) == 1
+        transforms_seen.add(hits[0][2])
+        torch.testing.assert_close(item['lq'], bicubic(item['gt'], 16), rtol=0, atol=1e-6)
+    assert len(transforms_seen) > 2  # flips and rotations were drawn
+
+
+def test_train_crop_reads_matching_lr_from_disk(tmp_path):
+    # independent random HR and LR content: only a correctly aligned crop matches both
+    hr, lr = random_rgb(96, 80, 1), random_rgb(6, 5, 2)
+    write_rgb(tmp_path / 'hr' / 'img.png', hr)
+    write_rgb(tmp_path / 'lr' / 'img.png', lr)
+    ds = make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr'), dataroot_lq=str(tmp_path / 'lr'),
+                      gt_size=32, ir_scale=16)
+    random.seed(1)
+    positions = set()
+    for _ in range(12):
+        item = ds[0]
+        assert item['lq_path'] == str(tmp_path / 'lr' / 'img.png')
+        assert item['gt'].shape == (3, 32, 32) and item['lq'].shape == (3, 2, 2)
+        gt_hits = find_in(as_float(hr), item['gt'])
+        assert len(gt_hits) == 1
+        top, left, k = gt_hits[0]
+        assert top % 16 == 0 and left % 16 == 0
+        lr_window = as_float(lr)[:, top // 16:top // 16 + 2, left // 16:left // 16 + 2]
+        assert torch.equal(dihedral(item['lq'])[k], lr_window)  # the same flip / rotation as gt
+        positions.add((top, left))
+    assert len(positions) > 1
+
+
+def test_lr_file_of_wrong_size_and_missing_lr(tmp_path):
+    write_rgb(tmp_path / 'hr' / 'a.png', random_rgb(64, 64, 0))
+    write_rgb(tmp_path / 'lr' / 'a.png', random_rgb(5, 4, 1))
+    ds = make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr'), dataroot_lq=str(tmp_path / 'lr'),
+                      gt_size=32, ir_scale=16)
+    with pytest.raises(ValueError, match=r'LR image .*a\.png is 5x4.*HR image .*is 64x64.*4x4'):
+        ds[0]
+    write_rgb(tmp_path / 'hr' / 'b.png', random_rgb(64, 64, 2))
+    with pytest.raises(FileNotFoundError, match=r"no LR image named 'b'"):
+        make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr'), dataroot_lq=str(tmp_path / 'lr'), ir_scale=16)
+
+
+def test_small_image_is_reflect_padded_and_logged_once(tmp_path):
+    src = random_rgb(20, 24, 3)
+    write_rgb(tmp_path / 'hr' / 'small.png', src)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger('basicsr')
+    logger.addHandler(handler)
+    try:
+        ds = make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr'), gt_size=32, ir_scale=16,
+                          use_hflip=False, use_rot=False)
+        items = [ds[0] for _ in range(3)]
+    finally:
+        logger.removeHandler(handler)
+    expected = F.pad(as_float(src)[None], (0, 8, 0, 12), mode='reflect')[0]
+    for item in items:
+        assert item['gt'].shape == (3, 32, 32)
+        assert torch.equal(item['gt'], expected)
+        assert item['lq'].shape == (3, 2, 2)
+    assert sum('reflect-padded' in r.getMessage() for r in records) == 1
+
+    # with an LR file too (ceil or floor size): both are padded, the LR's pixels stay in place
+    for lr_size in (2, 1):
+        lr = random_rgb(lr_size, lr_size, 4)
+        write_rgb(tmp_path / f'lr{lr_size}' / 'small.png', lr)
+        ds = make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr'), dataroot_lq=str(tmp_path / f'lr{lr_size}'),
+                          gt_size=32, ir_scale=16, use_hflip=False, use_rot=False)
+        item = ds[0]
+        assert item['gt'].shape == (3, 32, 32) and item['lq'].shape == (3, 2, 2)
+        assert torch.equal(item['lq'][:, :lr_size, :lr_size], as_float(lr))
+        assert torch.equal(item['gt'][:, :16, :16], as_float(src[:16, :16]))
+
+
+def test_val_keeps_size_and_pads_for_lq(tmp_path):
+    src = random_rgb(40, 50, 5)
+    write_rgb(tmp_path / 'hr' / 'odd.png', src)
+    item = make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr'), ir_scale=16)[0]
+    assert torch.equal(item['gt'], as_float(src))  # original size, no crop
+    assert item['lq'].shape == (3, 3, 4)  # ceil(40/16) x ceil(50/16)
+    padded = F.pad(item['gt'][None], (0, 14, 0, 8), mode='reflect')[0]  # how the model pads
+    torch.testing.assert_close(item['lq'], bicubic(padded, 16), rtol=0, atol=1e-6)
+
+
+def test_val_mod_crop(tmp_path):
+    src = random_rgb(40, 50, 6)
+    write_rgb(tmp_path / 'hr' / 'odd.png', src)
+    item = make_dataset(phase='test', dataroot_gt=str(tmp_path / 'hr'), ir_scale=16, mod_crop=True)[0]
+    assert torch.equal(item['gt'], as_float(src[:32, :48]))
+    torch.testing.assert_close(item['lq'], bicubic(item['gt'], 16), rtol=0, atol=1e-6)
+
+
+def test_val_reads_lr_files(tmp_path):
+    write_rgb(tmp_path / 'hr' / 'odd.png', random_rgb(40, 50, 7))
+    ceil_lr, floor_lr = random_rgb(3, 4, 8), random_rgb(2, 3, 9)
+    write_rgb(tmp_path / 'lr_ceil' / 'odd.png', ceil_lr)
+    write_rgb(tmp_path / 'lr_floor' / 'odd.png', floor_lr)
+    opt = dict(phase='val', dataroot_gt=str(tmp_path / 'hr'), ir_scale=16)
+    item = make_dataset(dataroot_lq=str(tmp_path / 'lr_ceil'), **opt)[0]
+    assert torch.equal(item['lq'], as_float(ceil_lr)) and item['gt'].shape == (3, 40, 50)
+    with pytest.raises(ValueError, match='need mod_crop: true'):
+        make_dataset(dataroot_lq=str(tmp_path / 'lr_floor'), **opt)[0]
+    item = make_dataset(dataroot_lq=str(tmp_path / 'lr_floor'), mod_crop=True, **opt)[0]
+    assert torch.equal(item['lq'], as_float(floor_lr)) and item['gt'].shape == (3, 32, 48)
+
+
+def test_meta_info_file_selects_images(tmp_path):
+    for i in range(3):
+        write_rgb(tmp_path / 'hr' / f'{i}.png', random_rgb(16, 16, i))
+    meta = tmp_path / 'meta.txt'
+    meta.write_text('2.png (16,16,3) 1\n0.png (16,16,3) 1\n')
+    ds = make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr'), meta_info_file=str(meta))
+    assert [os.path.basename(ds[i]['gt_path']) for i in range(len(ds))] == ['2.png', '0.png']
+
+
+# -------------------------------------------------------------------------------------------------
+# file formats
+
+
+def test_16bit_gray_and_rgba_files(tmp_path):
+    rng = np.random.RandomState(10)
+    deep = rng.randint(0, 65536, (16, 16, 3)).astype(np.uint16)
+    dark_deep = rng.randint(0, 256, (16, 16, 3)).astype(np.uint16)  # 16 bit with only small values
+    gray = rng.randint(0, 256, (16, 16)).astype(np.uint8)
+    rgba = rng.randint(0, 256, (16, 16, 4)).astype(np.uint8)
+    for name, img in (('a_deep', deep), ('b_dark_deep', dark_deep), ('c_gray', gray), ('d_rgba', rgba)):
+        write_rgb(tmp_path / 'hr' / f'{name}.png', img)
+    ds = make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr'))
+    items = [ds[i] for i in range(4)]
+    torch.testing.assert_close(items[0]['gt'], torch.from_numpy(deep / 65535.0).permute(2, 0, 1).float())
+    torch.testing.assert_close(items[1]['gt'], torch.from_numpy(dark_deep / 65535.0).permute(2, 0, 1).float())
+    assert items[1]['gt'].max() < 256 / 65535 + 1e-6  # scaled by dtype, not by the values
+    assert torch.equal(items[2]['gt'], as_float(np.repeat(gray[:, :, None], 3, axis=2)))
+    assert torch.equal(items[3]['gt'], as_float(rgba[:, :, :3]))
+    for item in items:
+        assert item['gt'].shape == (3, 16, 16) and item['gt'].dtype == torch.float32
+
+
+# -------------------------------------------------------------------------------------------------
+# lmdb backend
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f'vqir_script_{name}', os.path.join(ROOT, 'scripts', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lmdb_round_trip(tmp_path):
+    create_lmdb = load_script('create_lmdb')
+    hr = {'x': random_rgb(40, 50, 11), 'y': random_rgb(48, 48, 12, dtype=np.uint16)}
+    lr = {'x': random_rgb(3, 4, 13), 'y': random_rgb(3, 3, 14)}
+    for name in hr:
+        write_rgb(tmp_path / 'hr' / f'{name}.png', hr[name])
+        write_rgb(tmp_path / 'lr' / f'{name}.png', lr[name])
+    for folder in ('hr', 'lr'):
+        assert create_lmdb.main(['--input', str(tmp_path / folder), '--output', str(tmp_path / f'{folder}.lmdb')]) == 0
+    meta_lines = (tmp_path / 'hr.lmdb' / 'meta_info.txt').read_text().splitlines()
+    assert meta_lines == ['x.png (40,50,3) 1', 'y.png (48,48,3) 1']
+
+    ds = make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr.lmdb'), dataroot_lq=str(tmp_path / 'lr.lmdb'),
+                      io_backend={'type': 'lmdb'}, ir_scale=16)
+    assert len(ds) == 2
+    for index, name in enumerate(('x', 'y')):
+        item = ds[index]
+        assert item['gt_path'] == name and item['lq_path'] == name
+        assert torch.equal(item['gt'], as_float(hr[name]))
+        assert torch.equal(item['lq'], as_float(lr[name]))
+
+    ds = make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr.lmdb'), io_backend={'type': 'lmdb'},
+                      gt_size=32, ir_scale=16, cls=MultiScaleHRDataset)
+    item = ds[1]
+    assert item['gt'].shape == (3, 32, 32) and item['gt_level4'].shape == (3, 8, 8)
+
+    with pytest.raises(ValueError, match="needs a '.lmdb' folder"):
+        make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr'), io_backend={'type': 'lmdb'})
+
+
+# -------------------------------------------------------------------------------------------------
+# MultiScaleHRDataset
+
+
+def test_multiscale_train_levels_match_gt(tmp_path):
+    write_rgb(tmp_path / 'hr' / 'a.png', random_rgb(100, 90, 15))
+    ds = make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr'), gt_size=64, ir_scale=16,
+                      cls=MultiScaleHRDataset)
+    assert ds.downscale_factors == (1.0, 0.5)  # the reference's augmentation, on by default in train
+    random.seed(2)
+    for _ in range(4):
+        item = ds[0]
+        assert set(item) == {'gt', 'gt_level2', 'gt_level4', 'lq', 'gt_path', 'lq_path'}
+        assert item['gt'].shape == (3, 64, 64)
+        assert item['gt_level2'].shape == (3, 32, 32) and item['gt_level4'].shape == (3, 16, 16)
+        assert item['lq'].shape == (3, 4, 4)
+        for key, factor in (('gt_level2', 2), ('gt_level4', 4), ('lq', 16)):
+            torch.testing.assert_close(item[key], bicubic(item['gt'], factor), rtol=0, atol=1e-6)
+
+
+def test_multiscale_random_downscale(tmp_path):
+    src = random_rgb(100, 90, 16)
+    write_rgb(tmp_path / 'hr' / 'a.png', src)
+    opt = dict(phase='train', dataroot_gt=str(tmp_path / 'hr'), gt_size=32, use_hflip=False, use_rot=False,
+               cls=MultiScaleHRDataset)
+    half = cv2.resize(src.astype(np.float32) / 255, (45, 50), interpolation=cv2.INTER_LINEAR)
+    random.seed(3)
+    item = make_dataset(random_downscale=[0.5], **opt)[0]
+    assert len(find_in(torch.from_numpy(half).permute(2, 0, 1), item['gt'])) == 1
+    item = make_dataset(random_downscale=False, **opt)[0]
+    assert len(find_in(as_float(src), item['gt'])) == 1
+
+    # never enlarged below the crop size: a 40x36 image at factor 0.5 becomes 32x32, not 20x18
+    write_rgb(tmp_path / 'small' / 'b.png', random_rgb(40, 36, 17))
+    opt['dataroot_gt'] = str(tmp_path / 'small')
+    assert make_dataset(random_downscale=[0.5], **opt)[0]['gt'].shape == (3, 32, 32)
+
+    with pytest.raises(ValueError, match='train augmentation'):
+        make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr'), random_downscale=True, cls=MultiScaleHRDataset)
+    write_rgb(tmp_path / 'lr' / 'a.png', random_rgb(7, 6, 18))
+    with pytest.raises(ValueError, match="cannot be combined with 'dataroot_lq'"):
+        make_dataset(dataroot_lq=str(tmp_path / 'lr'), ir_scale=16, **{**opt, 'dataroot_gt': str(tmp_path / 'hr')})
+    with pytest.raises(ValueError, match='list of factors'):
+        make_dataset(random_downscale=[2.0], **opt)
+    with pytest.raises(ValueError, match='multiple of 4'):
+        make_dataset(**{**opt, 'gt_size': 30})
+
+
+def test_multiscale_val_shapes(tmp_path):
+    src = random_rgb(40, 50, 19)
+    write_rgb(tmp_path / 'hr' / 'odd.png', src)
+    ds = make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr'), ir_scale=16, cls=MultiScaleHRDataset)
+    assert ds.downscale_factors is None
+    item = ds[0]
+    assert torch.equal(item['gt'], as_float(src))
+    assert item['gt_level2'].shape == (3, 20, 25) and item['gt_level4'].shape == (3, 10, 13)
+    assert item['lq'].shape == (3, 3, 4)
+    torch.testing.assert_close(item['gt_level4'], bicubic(item['gt'], 4), rtol=0, atol=1e-6)
