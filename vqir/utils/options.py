@@ -33,7 +33,7 @@ KNOWN_TOP_LEVEL_KEYS = {
 KNOWN_PATH_KEYS_PREFIXES = ('pretrain_network_', 'strict_load_', 'param_key_')
 KNOWN_PATH_KEYS = {'resume_state', 'root', 'ignore_resume_networks', 'results_root', 'experiments_root',
                    'models', 'training_states', 'log', 'visualization'}
-KNOWN_LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb', 'keep_checkpoints'}
+KNOWN_LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb', 'pbar'}
 KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images'}
 
 
@@ -231,12 +231,15 @@ def parse_options(root_path, is_train=True, argv=None):
 
 
 def _resolve(path, root_path):
-    """Relative data/weight paths are taken from the current directory when they exist there,
-    otherwise from the project root (so the shipped options work from any directory)."""
+    """A relative data or weights path is looked up under the project root (where experiments/
+    live), then in the current directory; so the shipped options work from any directory."""
     path = osp.expanduser(path)
-    if osp.isabs(path) or osp.exists(path):
+    if osp.isabs(path):
+        return path
+    under_root = osp.join(root_path, path)
+    if not osp.exists(under_root) and osp.exists(path):
         return osp.abspath(path)
-    return osp.join(root_path, path)
+    return under_root
 
 
 @master_only
