@@ -27,6 +27,7 @@ from basicsr.utils import (AvgTimer, MessageLogger, get_env_info, get_root_logge
 from tqdm import tqdm
 
 from vqir.models.base_model import NonFiniteLossError
+from vqir.utils.checkpoint import CheckpointError, load_checkpoint
 from vqir.utils.options import copy_opt_file, dict2str, parse_options
 
 
@@ -69,10 +70,9 @@ def load_resume_state(opt):
     path = find_resume_state(opt)
     if path is None:
         return None
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # a state is untrusted input like any checkpoint
-        raise RuntimeError(f'{path}: cannot read training state ({type(err).__name__}: {err})') from None
+    state = load_checkpoint(path)  # untrusted input like any checkpoint: weights_only, clear errors
+    if not isinstance(state, dict) or 'iter' not in state or 'optimizers' not in state:
+        raise CheckpointError(f'{path}: not a vqir training state')
     opt['path']['resume_state'] = path
     # Networks are restored from the checkpoints written with this state (before it, so they exist).
     models_dir = osp.join(opt['root_path'], 'experiments', opt['name'], 'models')
