@@ -1,4 +1,4 @@
-"""Shared pytest set-up: tests run on CPU with few threads, from any working directory."""
+"""Shared pytest set-up: tests run on CPU, one thread, from any working directory."""
 import os
 import sys
 
@@ -12,7 +12,8 @@ import torch  # noqa: E402
 
 import vqir  # noqa: E402,F401  (registers everything)
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny tensors gain nothing from more threads, and OpenMP threads spin badly on a busy machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

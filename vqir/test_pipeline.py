@@ -3,7 +3,6 @@
 Writes ``results/<name>/<test set>/<output>/<image>.png`` and ``results/<name>/metrics_<test set>.csv``
 (per image and mean), and prints a table of the means of all test sets at the end.
 """
-import logging
 import os
 import sys
 from os import path as osp
@@ -11,9 +10,10 @@ from os import path as osp
 import torch
 from basicsr.data import build_dataloader, build_dataset
 from basicsr.models import build_model
-from basicsr.utils import get_env_info, get_root_logger, get_time_str, mkdir_and_rename
+from basicsr.utils import get_env_info, get_time_str, mkdir_and_rename
 
 from vqir.utils.options import dict2str, parse_options
+from vqir.utils.run_logger import init_run_logger
 
 
 def test_pipeline(root_path, argv=None):
@@ -22,7 +22,7 @@ def test_pipeline(root_path, argv=None):
     if opt['rank'] == 0:
         mkdir_and_rename(opt['path']['results_root'])
     log_file = osp.join(opt['path']['log'], f"test_{opt['name']}_{get_time_str()}.log")
-    logger = get_root_logger(logger_name='basicsr', log_level=logging.INFO, log_file=log_file)
+    logger = init_run_logger(log_file)
     logger.info(get_env_info())
     logger.info(dict2str(opt))
 

@@ -10,7 +10,6 @@ messages), and differs where basicsr 1.4.2 breaks or loses work:
 """
 import csv
 import datetime
-import logging
 import math
 import os
 import sys
@@ -22,13 +21,14 @@ from basicsr.data import build_dataloader, build_dataset
 from basicsr.data.data_sampler import EnlargedSampler
 from basicsr.data.prefetch_dataloader import CPUPrefetcher, CUDAPrefetcher
 from basicsr.models import build_model
-from basicsr.utils import (AvgTimer, MessageLogger, get_env_info, get_root_logger, get_time_str, init_tb_logger,
+from basicsr.utils import (AvgTimer, MessageLogger, get_env_info, get_time_str, init_tb_logger,
                            mkdir_and_rename, scandir)
 from tqdm import tqdm
 
 from vqir.models.base_model import NonFiniteLossError
 from vqir.utils.checkpoint import CheckpointError, load_checkpoint
 from vqir.utils.options import copy_opt_file, dict2str, parse_options
+from vqir.utils.run_logger import init_run_logger
 
 
 class ResumableSampler(EnlargedSampler):
@@ -157,7 +157,7 @@ def train_pipeline(root_path, argv=None):
     copy_opt_file(args.opt, opt['path']['experiments_root'])
 
     log_file = osp.join(opt['path']['log'], f"train_{opt['name']}_{get_time_str()}.log")
-    logger = get_root_logger(logger_name='basicsr', log_level=logging.INFO, log_file=log_file)
+    logger = init_run_logger(log_file)
     logger.info(get_env_info())
     logger.info(dict2str(opt))
     tb_logger = init_tb_logger_if_asked(opt)
@@ -235,7 +235,7 @@ def train_pipeline(root_path, argv=None):
     logger.info(f'End of training. Time consumed: {consumed}')
     logger.info('Save the latest model.')
     model.save(epoch=-1, current_iter=-1)
-    if val_opt is not None and val_loaders:
+    if val_opt is not None and val_loaders and current_iter % val_opt['val_freq'] != 0:  # else just done
         for val_loader in val_loaders:
             model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
     if tb_logger:

@@ -270,6 +270,7 @@ class VQIRBaseModel(BaseModel):
         pbar = tqdm(total=len(dataloader) if not max_images else min(max_images, len(dataloader)), unit='image',
                     desc=f'{dataset_name}', dynamic_ncols=True, disable=not val_opt.get('pbar', True))
         metric_opts = self._drop_unavailable_metrics(metric_opts)
+        self.begin_validation()
         for idx, val_data in enumerate(dataloader):
             if max_images and idx >= max_images:
                 break
@@ -301,9 +302,17 @@ class VQIRBaseModel(BaseModel):
             pbar.update(1)
             pbar.set_postfix_str(img_name)
         pbar.close()
-        means = self._summarise_metrics(rows, dataset_name, current_iter, tb_logger)
+        means = self._summarise_metrics(rows, self.dataset_metrics(), dataset_name, current_iter, tb_logger)
         self.last_validation = {'dataset': dataset_name, 'rows': rows, 'mean': means}
         return means
+
+    def begin_validation(self):
+        """Called before the first image of a validation set (e.g. to reset set-level statistics)."""
+
+    def dataset_metrics(self):
+        """Set-level values measured over the whole validation set (name -> float), reported beside
+        the means of the per-image metrics (CSV mean row, table, TensorBoard)."""
+        return OrderedDict()
 
     @staticmethod
     def _drop_unavailable_metrics(metric_opts):
@@ -323,10 +332,11 @@ class VQIRBaseModel(BaseModel):
             kept[name] = opt_
         return kept
 
-    def _summarise_metrics(self, rows, dataset_name, current_iter, tb_logger):
-        columns = [c for c in (rows[0].keys() if rows else []) if c != 'image']
-        means = OrderedDict((c, float(np.mean([r[c] for r in rows if c in r]))) for c in columns)
-        logger = get_root_logger()
+    def _summarise_metrics(self, rows, set_metrics, dataset_name, current_iter, tb_logger):
+        image_columns = [c for c in (rows[0].keys() if rows else []) if c != 'image']
+        means = OrderedDict((c, float(np.mean([r[c] for r in rows if c in r]))) for c in image_columns)
+        means.update(set_metrics)
+        columns = list(means)
         if not columns:
             return means
         if self.opt['is_train']:
@@ -336,13 +346,16 @@ class VQIRBaseModel(BaseModel):
             out_dir = self.opt['path']['results_root']
             csv_path = osp.join(out_dir, f'metrics_{dataset_name}.csv')
         os.makedirs(out_dir, exist_ok=True)
+        image_rows = rows if image_columns else []  # set-level values alone: only the mean row
         with open(csv_path, 'w', newline='', encoding='utf-8') as f:
             writer = csv.writer(f)
             writer.writerow(['image'] + columns)
-            for r in rows:
+            for r in image_rows:
                 writer.writerow([r['image']] + [f'{r[c]:.4f}' if c in r else '' for c in columns])
-            writer.writerow(['mean'] + [f'{means[c]:.4f}' for c in columns])
-        logger.info(format_metrics_table(rows, columns, means, title=f'{dataset_name} @ {current_iter}'))
+            writer.writerow(['mean'] + [f'{means[c]:.4f}' if math.isfinite(means[c]) else str(means[c])
+                                        for c in columns])
+        logger = get_root_logger()
+        logger.info(format_metrics_table(image_rows, columns, means, title=f'{dataset_name} @ {current_iter}'))
         logger.info(f'metrics written to {csv_path}')
         if tb_logger is not None:
             for c, v in means.items():

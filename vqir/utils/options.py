@@ -111,9 +111,14 @@ def check_options(opt, opt_path, is_train):
                 _expect(_is_number(lr), opt_path, f'train:{key}:lr',
                         f'must be a number, got {lr!r} (YAML reads 1e-4 as a string: write !!float 1e-4)')
         logger = opt.setdefault('logger', OrderedDict())
+        logger.setdefault('use_tb_logger', False)
         for key in ('print_freq', 'save_checkpoint_freq'):
             logger.setdefault(key, 100 if key == 'print_freq' else 5000)
+            if isinstance(logger[key], float) and logger[key].is_integer():  # basicsr files write !!float 5e3
+                logger[key] = int(logger[key])
             _expect(isinstance(logger[key], int) and logger[key] > 0, opt_path, f'logger:{key}', 'must be a positive integer')
+    if is_train and opt.get('val') is not None:
+        _expect('val_freq' in opt['val'], opt_path, 'val:val_freq', 'is required when a training file has a val section')
     if opt.get('val') is not None and 'val_freq' in opt['val']:
         _expect(_is_number(opt['val']['val_freq']) and opt['val']['val_freq'] > 0, opt_path, 'val:val_freq',
                 'must be a positive number')

@@ -1,0 +1,345 @@
+"""Stage 0 (VQGANModel): a tiny VQGAN learns, the discriminator starts on time, taming
+checkpoints load, and validation reports image metrics plus codebook usage."""
+import argparse
+import csv
+import json
+import logging
+import os
+from collections import OrderedDict
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from basicsr.archs import build_network
+from basicsr.metrics import calculate_psnr
+from basicsr.models import build_model
+from basicsr.utils import tensor2img
+from skimage import data as skdata
+from torch.utils.data import DataLoader, Dataset
+
+from vqir.metrics.codebook_metric import codebook_usage
+from vqir.models.vqgan_model import VQGANModel, pad_to_multiple
+from vqir.utils.options import parse_options
+
+FACTOR = 4  # ch_mult [1, 1, 2]: two downsamplings
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are tiny: one thread avoids thread-synchronisation overhead (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_opt(tmp_path, is_train=True, disc_start=10**9, lr=1e-3, network_d=None, path=None):
+    """Options as ``parse_options`` hands them to a model."""
+    opt = {
+        'name': 'stage0_test',
+        'model_type': 'VQGANModel',
+        'num_gpu': 0,
+        'dist': False,
+        'rank': 0,
+        'world_size': 1,
+        'is_train': is_train,
+        'network_g': {
+            'type': 'VQGAN', 'ch': 32, 'ch_mult': [1, 1, 2], 'num_res_blocks': 1, 'z_channels': 16,
+            'embed_dim': 16, 'n_embed': 64
+        },
+        'network_d': network_d or {'type': 'PatchGANDiscriminator', 'input_nc': 3, 'ndf': 8, 'n_layers': 2},
+        'path': dict(path or {}, visualization=str(tmp_path / 'visualization'), results_root=str(tmp_path / 'results'),
+                     models=str(tmp_path / 'models'), training_states=str(tmp_path / 'training_states')),
+        'train': {
+            'optim_g': {'type': 'Adam', 'lr': lr, 'betas': [0.5, 0.9]},
+            'optim_d': {'type': 'Adam', 'lr': lr, 'betas': [0.5, 0.9]},
+            'vqgan_loss_opt': {'type': 'VQGANLoss', 'disc_start': disc_start, 'perceptual_weight': 0.0,
+                               'disc_weight': 0.8},
+        },
+        'val': {
+            'save_img': True,
+            'pbar': False,
+            'metrics': {
+                'psnr': {'type': 'calculate_psnr', 'output': 'rec', 'target': 'gt', 'crop_border': 0,
+                         'test_y_channel': False},
+                'ssim': {'type': 'calculate_ssim', 'output': 'rec', 'target': 'gt', 'crop_border': 0,
+                         'test_y_channel': False},
+            },
+        },
+    }
+    return opt
+
+
+def photo(size_hw, name='astronaut'):
+    """(1, 3, H, W) RGB in [0, 1] from a scikit-image photo."""
+    h, w = size_hw
+    img = cv2.resize(getattr(skdata, name)(), (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    return torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
+
+
+def reconstruct(model, gt):
+    model.feed_data({'gt': gt})
+    model.test()
+    return model.output['rec']
+
+
+def l1_and_psnr(rec, gt):
+    rec = rec.clamp(0, 1)
+    return (rec - gt).abs().mean().item(), 10 * np.log10(1 / ((rec - gt)**2).mean().item())
+
+
+def test_tiny_vqgan_overfits_one_image(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(make_opt(tmp_path))
+    assert isinstance(model, VQGANModel)
+    gt = photo((32, 32))
+    l1_before, psnr_before = l1_and_psnr(reconstruct(model, gt), gt)
+    for it in range(1, 61):
+        model.feed_data({'gt': gt})
+        model.optimize_parameters(it)
+    l1_after, psnr_after = l1_and_psnr(reconstruct(model, gt), gt)
+    # measured: L1 0.269 -> 0.040 (6.8x), PSNR 9.7 -> 25.2 dB
+    assert l1_after * 4 <= l1_before, (l1_before, l1_after)
+    assert psnr_after >= psnr_before + 10, (psnr_before, psnr_after)
+    assert list(model.log_dict) == ['l_rec', 'l_codebook', 'l_g_gan', 'd_weight', 'l_d', 'perplexity']
+    assert 1 <= model.log_dict['perplexity'] <= 64
+
+
+def _params(net):
+    return [t.detach().clone() for t in net.state_dict().values()]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_discriminator_trains_from_disc_start_only(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(make_opt(tmp_path, disc_start=3))
+    gt = torch.cat([photo((32, 32)), photo((32, 32), 'coffee')])
+    d_init, g_before = _params(model.net_d), _params(model.net_g)
+    for it in (1, 2):
+        model.feed_data({'gt': gt})
+        model.optimize_parameters(it)
+        assert model.log_dict['l_d'] == 0 and model.log_dict['l_g_gan'] == 0 and model.log_dict['d_weight'] == 0
+    # before disc_start the discriminator is not even run (its BatchNorm statistics are untouched)
+    assert _same(_params(model.net_d), d_init)
+    assert not model.optimizer_d.state
+    assert not _same(_params(model.net_g), g_before)
+
+    model.feed_data({'gt': gt})
+    model.optimize_parameters(3)
+    assert not _same(_params(model.net_d), d_init)
+    assert model.optimizer_d.state
+    assert model.log_dict['l_d'] > 0 and model.log_dict['d_weight'] > 0 and model.log_dict['l_g_gan'] != 0
+    # the discriminator is trainable again after the autoencoder step froze it
+    assert all(p.requires_grad for p in model.net_d.parameters())
+
+
+def test_unet_discriminator_by_type(tmp_path):
+    torch.manual_seed(0)
+    opt = make_opt(tmp_path, disc_start=1, network_d={'type': 'UNetDiscriminatorSN', 'num_in_ch': 3, 'num_feat': 8})
+    model = build_model(opt)
+    assert type(model.net_d).__name__ == 'UNetDiscriminatorSN'
+    model.feed_data({'gt': photo((32, 32))})
+    model.optimize_parameters(1)
+    assert model.log_dict['l_d'] > 0 and np.isfinite(model.log_dict['d_weight'])
+
+
+def test_non_finite_batch_skips_the_step(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(make_opt(tmp_path, disc_start=1))
+    before_g = _params(model.net_g)
+    before_d = [p.detach().clone() for p in model.net_d.parameters()]
+    gt = photo((32, 32))
+    gt[0, 0, 3, 3] = float('nan')
+    model.feed_data({'gt': gt})
+    model.optimize_parameters(1)
+    assert _same(_params(model.net_g), before_g)
+    # parameters only: the discriminator's BatchNorm statistics see the bad batch in the forward pass
+    assert _same([p.detach() for p in model.net_d.parameters()], before_d)
+    assert model._bad_steps == 1
+
+
+def test_taming_ckpt_loads_through_pretrain_network_g(tmp_path):
+    torch.manual_seed(0)
+    source = build_model(make_opt(tmp_path, disc_start=1))
+    gt = photo((32, 32))
+    for it in (1, 2):  # move the weights (and BatchNorm statistics) away from any initialisation
+        source.feed_data({'gt': gt})
+        source.optimize_parameters(it)
+    g_state, d_state = source.net_g.state_dict(), source.net_d.state_dict()
+    state_dict = OrderedDict(g_state)
+    state_dict.update((f'loss.discriminator.{k}', v) for k, v in d_state.items())
+    state_dict['loss.perceptual_loss.lin0.model.1.weight'] = torch.randn(1, 64, 1, 1)
+    ckpt = {
+        'epoch': 3,
+        'global_step': 1234,
+        'pytorch-lightning_version': '1.0.8',
+        'state_dict': state_dict,
+        'optimizer_states': [o.state_dict() for o in source.optimizers],
+        'lr_schedulers': [],
+        'hparams': argparse.Namespace(embed_dim=16, n_embed=64),  # a non-tensor object, as Lightning stores
+    }
+    ckpt_path = tmp_path / 'last.ckpt'
+    torch.save(ckpt, ckpt_path)
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger('basicsr')
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        torch.manual_seed(1)  # a different initialisation, overwritten by the checkpoint
+        loaded = build_model(make_opt(tmp_path, path={'pretrain_network_g': str(ckpt_path),
+                                                      'pretrain_network_d': str(ckpt_path)}))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert torch.equal(reconstruct(loaded, gt), reconstruct(source, gt))
+    for key, value in d_state.items():
+        assert torch.equal(loaded.net_d.state_dict()[key], value), key
+    # the generator load drops the loss.* entries (discriminator and LPIPS) and says so
+    dropped = [m for m in messages if 'dropped' in m and 'loss.*' in m]
+    assert dropped and f'dropped {len(d_state) + 1} keys' in dropped[0]
+
+    # inference-only models load the same file
+    test_model = build_model(make_opt(tmp_path, is_train=False, path={'pretrain_network_g': str(ckpt_path)}))
+    assert torch.equal(reconstruct(test_model, gt), reconstruct(source, gt))
+    assert not hasattr(test_model, 'net_d')
+
+
+class TinyValSet(Dataset):
+    def __init__(self, images):
+        self.images = images
+        self.opt = {'name': 'tiny_val'}
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        name, img = self.images[index]
+        return {'gt': img[0], 'gt_path': f'/nowhere/{name}.png'}
+
+
+class RecordingTB:
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars[tag] = (value, step)
+
+
+def test_validation_reports_metrics_and_codebook_usage(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(make_opt(tmp_path, is_train=False))
+    images = [('square', photo((32, 32))), ('odd', photo((38, 54), 'coffee'))]  # 38x54: not multiples of 4
+    tb = RecordingTB()
+    model.opt['is_train'] = True  # validation during training: CSV and images under visualization/
+    model.nondist_validation(DataLoader(TinyValSet(images), batch_size=1), 7, tb, save_img=True)
+    result = model.last_validation
+    assert list(result['mean']) == ['psnr', 'ssim', 'codebook_perplexity', 'codebook_used_fraction']
+
+    # the odd-sized image went through the network reflect-padded to 40x56 and was cropped back
+    vqgan = model.net_g
+    all_indices, expected_psnr = [], {}
+    for name, gt in images:
+        with torch.no_grad():
+            x = gt * 2 - 1
+            padded = F.pad(x, (0, -x.shape[-1] % FACTOR, 0, -x.shape[-2] % FACTOR), mode='reflect')
+            assert torch.equal(padded, pad_to_multiple(x, FACTOR))
+            quant, _, (_, _, indices) = vqgan.encode(padded)
+            rec = (vqgan.decode(quant)[..., :x.shape[-2], :x.shape[-1]] + 1) / 2
+        assert torch.allclose(reconstruct(model, gt), rec, atol=1e-6)
+        all_indices.append(indices)
+        expected_psnr[name] = calculate_psnr(tensor2img(rec), tensor2img(gt), crop_border=0)
+        saved = cv2.imread(str(tmp_path / 'visualization' / 'tiny_val' / 'rec' / f'{name}_7.png'))
+        assert saved.shape == (gt.shape[2], gt.shape[3], 3)
+    assert all_indices[1].numel() == (40 // FACTOR) * (56 // FACTOR)
+    usage = codebook_usage(torch.cat(all_indices), 64)
+    assert result['mean']['codebook_perplexity'] == pytest.approx(usage['perplexity'])
+    assert result['mean']['codebook_used_fraction'] == pytest.approx(usage['used_fraction'])
+    assert model.last_codebook_usage['codebook_perplexity'] == pytest.approx(usage['perplexity'])
+    for row in result['rows']:
+        assert row['psnr'] == pytest.approx(expected_psnr[row['image']], abs=1e-6)
+
+    with open(tmp_path / 'visualization' / 'metrics_tiny_val_7.csv', newline='') as f:
+        table = list(csv.reader(f))
+    assert table[0] == ['image', 'psnr', 'ssim', 'codebook_perplexity', 'codebook_used_fraction']
+    assert [row[0] for row in table[1:]] == ['square', 'odd', 'mean']
+    assert table[1][3:] == ['', ''] and table[2][3:] == ['', '']
+    assert float(table[3][3]) == pytest.approx(usage['perplexity'], abs=1e-4)
+    assert float(table[3][4]) == pytest.approx(usage['used_fraction'], abs=1e-4)
+    assert float(table[3][1]) == pytest.approx(np.mean(list(expected_psnr.values())), abs=1e-4)
+    for key in ('psnr', 'ssim', 'codebook_perplexity', 'codebook_used_fraction'):
+        assert f'metrics/tiny_val/{key}' in tb.scalars
+    assert tb.scalars['metrics/tiny_val/codebook_used_fraction'] == (pytest.approx(usage['used_fraction']), 7)
+    assert model.codebook_usage is None  # indices are only gathered during a validation
+
+
+def test_codebook_usage_without_image_metrics(tmp_path):
+    torch.manual_seed(0)
+    opt = make_opt(tmp_path, is_train=False)
+    del opt['val']['metrics']
+    model = build_model(opt)
+    for _ in range(2):  # a second validation of the same name rewrites the CSV, not extends it
+        model.nondist_validation(DataLoader(TinyValSet([('square', photo((32, 32)))]), batch_size=1), 'x', None,
+                                 save_img=False)
+    assert list(model.last_validation['mean']) == ['codebook_perplexity', 'codebook_used_fraction']
+    with open(tmp_path / 'results' / 'metrics_tiny_val.csv', newline='') as f:
+        table = list(csv.reader(f))
+    assert table[0] == ['image', 'codebook_perplexity', 'codebook_used_fraction'] and table[1][0] == 'mean'
+    assert len(table) == 2
+
+
+def test_missing_training_options_are_named(tmp_path):
+    opt = make_opt(tmp_path)
+    del opt['train']['vqgan_loss_opt']
+    opt['opt_path'] = '/x/stage0.yml'
+    with pytest.raises(ValueError, match=r'/x/stage0.yml: option train:vqgan_loss_opt is required'):
+        build_model(opt)
+
+
+# ---------------------------------------------------------------------------------------------- option files
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TAMING_KEYS_JSON = '/work/shared/reference/taming_vqgan_keys.json'
+VQGAN_SHAPE_KEYS = ('ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'n_embed', 'embed_dim')
+
+
+def _parse(yml, tmp_path, is_train=True):
+    opt, _ = parse_options(str(tmp_path), is_train=is_train, argv=['-opt', f'{ROOT}/{yml}'])
+    return opt
+
+
+def test_f16_options_build_the_papers_vqgan(tmp_path):
+    """stage0_vqgan_f16.yml: taming's f16_1024 VQGAN, parameter for parameter (names and shapes of the
+    reference's VQGAN), and taming's loss settings."""
+    if not os.path.isfile(TAMING_KEYS_JSON):
+        pytest.skip(f'{TAMING_KEYS_JSON} is not available')
+    opt = _parse('options/train/stage0_vqgan_f16.yml', tmp_path)
+    with open(TAMING_KEYS_JSON, encoding='utf-8') as f:
+        reference = json.load(f)
+    net = build_network(dict(opt['network_g']))
+    shapes = [[k, list(v.shape)] for k, v in net.state_dict().items()]
+    assert shapes == [[k, shape] for k, shape, _ in reference['state_dict']]
+    loss = opt['train']['vqgan_loss_opt']
+    assert loss['perceptual_weight'] == 1.0 and loss['codebook_weight'] == 1.0
+    assert loss['disc_weight'] == 0.8 and loss['gan_type'] == 'hinge'
+    assert opt['train']['optim_g']['betas'] == [0.5, 0.9] and opt['datasets']['train']['gt_size'] == 256
+    assert opt['train']['optim_g']['lr'] == pytest.approx(4.5e-6 * opt['datasets']['train']['batch_size_per_gpu'])
+
+
+def test_tiny_options_fit_stage1_and_the_test_options(tmp_path):
+    """The tiny stage-0 VQGAN is f16 and is the VQGAN that the tiny stage-1 config expects."""
+    train = _parse('options/train/stage0_vqgan_tiny.yml', tmp_path)
+    test = _parse('options/test/test_stage0_vqgan_tiny.yml', tmp_path, is_train=False)
+    stage1 = _parse('options/train/stage1_ifrm_tiny.yml', tmp_path)
+    assert len(train['network_g']['ch_mult']) - 1 == 4  # f16
+    assert train['network_g'] == test['network_g']
+    assert {k: train['network_g'][k] for k in VQGAN_SHAPE_KEYS} == {k: stage1['network_g'][k] for k in VQGAN_SHAPE_KEYS}
+    assert train['train']['vqgan_loss_opt']['perceptual_weight'] == 0
+    assert train['train']['vqgan_loss_opt']['disc_start'] > train['train']['total_iter'] // 2

@@ -1,0 +1,213 @@
+"""End-to-end tests of the training and test loops (``vqir.train_pipeline`` / ``vqir.test_pipeline``)
+on the tiny stage-0 config: what a run writes, auto-resume from another directory, a resumed run
+following the uninterrupted one, ``--debug``, clear option errors, and the CLI's error line."""
+import csv
+import glob
+import os
+import subprocess
+import sys
+from os import path as osp
+
+import cv2
+import pytest
+import torch
+from skimage import data as skdata
+
+from vqir.test_pipeline import test_pipeline as run_test_pipeline
+from vqir.train_pipeline import train_pipeline
+from vqir.utils.options import OptionsError
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TRAIN_YML = osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml')
+TEST_YML = osp.join(ROOT, 'options', 'test', 'test_stage0_vqgan_tiny.yml')
+DEMO_TRAIN = osp.join(ROOT, 'datasets', 'demo', 'train')
+NAME = 'stage0_vqgan_tiny'
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """The tiny networks run fastest on one thread (and do not stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def val_dir(tmp_path_factory):
+    """Two small validation photos whose sides are not multiples of 16."""
+    folder = tmp_path_factory.mktemp('val')
+    for name, photo, size_wh in (('cat', skdata.chelsea(), (80, 64)), ('coffee', skdata.coffee(), (56, 72))):
+        cv2.imwrite(str(folder / f'{name}.png'), cv2.resize(photo, size_wh, interpolation=cv2.INTER_AREA)[..., ::-1])
+    return str(folder)
+
+
+@pytest.fixture(scope='module')
+def train_dir(tmp_path_factory):
+    """The demo training photos: datasets/demo/train, exported to a temporary folder when absent."""
+    if osp.isdir(DEMO_TRAIN):
+        return DEMO_TRAIN
+    out = tmp_path_factory.mktemp('demo')
+    subprocess.run([sys.executable, osp.join(ROOT, 'scripts', 'export_demo_data.py'), '--out', str(out)], check=True,
+                   capture_output=True, timeout=300)
+    return str(out / 'train')
+
+
+@pytest.fixture(scope='module')
+def data_dirs(train_dir, val_dir):
+    return train_dir, val_dir
+
+
+def train_argv(data_dirs, *force, yml=TRAIN_YML, extra=()):
+    """The tiny config with absolute data folders (the root is a temporary folder) and small overrides."""
+    train_dir, val_dir = data_dirs
+    return ['-opt', yml, *extra, '--force_yml', f'datasets:train:dataroot_gt={train_dir}',
+            f'datasets:val:dataroot_gt={val_dir}', 'logger:pbar=false', *force]
+
+
+def read_text(path):
+    with open(path, encoding='utf-8') as f:
+        return f.read()
+
+
+def read_csv(path):
+    with open(path, newline='', encoding='utf-8') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data_dirs):
+    """One short run: 6 iterations, checkpoints and validation every 3, discriminator from iteration 4."""
+    root = str(tmp_path_factory.mktemp('run'))
+    train_pipeline(root, argv=train_argv(data_dirs, 'train:total_iter=6', 'logger:print_freq=1',
+                                         'logger:save_checkpoint_freq=3', 'val:val_freq=3',
+                                         'train:vqgan_loss_opt:disc_start=4'))
+    return root
+
+
+def test_train_run_writes_checkpoints_states_logs_and_metrics(trained):
+    exp = osp.join(trained, 'experiments', NAME)
+    for it in (3, 6, 'latest'):
+        for label in ('net_g', 'net_d'):
+            weights = torch.load(osp.join(exp, 'models', f'{label}_{it}.pth'), weights_only=True)
+            assert list(weights) == ['params']
+    for it in (3, 6):
+        state = torch.load(osp.join(exp, 'training_states', f'{it}.state'), weights_only=True)
+        assert state['iter'] == it and len(state['optimizers']) == 2 and state['networks'] == ['net_g', 'net_d']
+    assert sorted(os.listdir(osp.join(exp, 'training_states'))) == ['3.state', '6.state']
+
+    logs = glob.glob(osp.join(exp, f'train_{NAME}_*.log'))
+    assert len(logs) == 1, f'no log file in {exp}'
+    log_text = read_text(logs[0])
+    assert 'End of training' in log_text and 'codebook_perplexity' in log_text
+    assert osp.isfile(osp.join(exp, osp.basename(TRAIN_YML)))  # the options, as run
+
+    rows = read_csv(osp.join(exp, 'train_log.csv'))
+    assert [int(r['iter']) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert list(rows[0]) == ['iter', 'l_rec', 'l_codebook', 'l_g_gan', 'd_weight', 'l_d', 'perplexity']
+    assert all(float(r['l_d']) == 0 for r in rows[:3]) and all(float(r['l_d']) > 0 for r in rows[3:])
+
+    for it in (3, 6):
+        metrics = read_csv(osp.join(exp, 'visualization', f'metrics_demo_val_{it}.csv'))
+        assert [r['image'] for r in metrics] == ['cat', 'coffee', 'mean']
+        assert set(metrics[0]) == {'image', 'psnr', 'ssim', 'codebook_perplexity', 'codebook_used_fraction'}
+        assert 0 < float(metrics[-1]['codebook_used_fraction']) <= 1
+        rec = cv2.imread(osp.join(exp, 'visualization', 'demo_val', 'rec', f'cat_{it}.png'))
+        assert rec.shape == (64, 80, 3)
+
+
+def test_auto_resume_from_another_directory(trained, data_dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may depend on the working directory
+    exp = osp.join(trained, 'experiments', NAME)
+    model = train_pipeline(trained, argv=train_argv(data_dirs, 'train:total_iter=8', 'logger:print_freq=1',
+                                                    'logger:save_checkpoint_freq=4', 'val:val_freq=100',
+                                                    'train:vqgan_loss_opt:disc_start=4', extra=['--auto_resume']))
+    assert model.opt['path']['resume_state'] == osp.join(exp, 'training_states', '6.state')
+    rows = read_csv(osp.join(exp, 'train_log.csv'))
+    assert [int(r['iter']) for r in rows] == list(range(1, 9))  # continued at 7, appended to the same CSV
+    assert osp.isfile(osp.join(exp, 'models', 'net_g_8.pth'))
+    assert not os.listdir(tmp_path)  # nothing written to the working directory
+    # the resumed run has a log file of its own; the first run's log is left as it was
+    logs = {p: read_text(p) for p in glob.glob(osp.join(exp, f'train_{NAME}_*.log'))}
+    resumed = [p for p, text in logs.items() if 'Resuming training from' in text]
+    first = [p for p, text in logs.items() if 'Start training from epoch: 0, iter: 0' in text]
+    assert len(logs) == 2 and len(resumed) == 1 and len(first) == 1 and resumed != first, sorted(logs)
+
+
+LOSS_COLUMNS = ('l_rec', 'l_codebook', 'l_g_gan', 'd_weight', 'l_d', 'perplexity')
+
+
+def test_resumed_run_follows_the_uninterrupted_run(tmp_path, data_dirs):
+    """8 iterations straight == 4, stop, auto-resume, 4 more (same seed, data loaded in the main process)."""
+    common = ['logger:print_freq=1', 'logger:save_checkpoint_freq=4', 'val:val_freq=100',
+              'train:vqgan_loss_opt:disc_start=3', 'datasets:train:num_worker_per_gpu=0']
+    straight = str(tmp_path / 'straight')
+    split = str(tmp_path / 'split')
+    train_pipeline(straight, argv=train_argv(data_dirs, 'train:total_iter=8', *common))
+    train_pipeline(split, argv=train_argv(data_dirs, 'train:total_iter=4', *common))
+    train_pipeline(split, argv=train_argv(data_dirs, 'train:total_iter=8', *common, extra=['--auto_resume']))
+    rows_straight = read_csv(osp.join(straight, 'experiments', NAME, 'train_log.csv'))
+    rows_split = read_csv(osp.join(split, 'experiments', NAME, 'train_log.csv'))
+    assert [int(r['iter']) for r in rows_split] == list(range(1, 9))
+    for a, b in zip(rows_straight, rows_split):
+        for column in LOSS_COLUMNS:
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-6), (a['iter'], column)
+    assert float(rows_split[-1]['l_d']) > 0  # the discriminator trained across the resume
+
+
+def test_debug_prefixes_the_experiment_name(tmp_path, data_dirs):
+    train_pipeline(str(tmp_path), argv=train_argv(data_dirs, 'train:total_iter=2', extra=['--debug']))
+    assert os.listdir(tmp_path / 'experiments') == [f'debug_{NAME}']
+    assert osp.isfile(tmp_path / 'experiments' / f'debug_{NAME}' / 'models' / 'net_g_latest.pth')
+
+
+def _write_variant(tmp_path, old, new):
+    with open(TRAIN_YML, encoding='utf-8') as f:
+        text = f.read()
+    assert old in text
+    bad = tmp_path / 'bad.yml'
+    bad.write_text(text.replace(old, new, 1), encoding='utf-8')
+    return str(bad)
+
+
+def test_unknown_top_level_key_is_a_clear_error(tmp_path, data_dirs):
+    bad = _write_variant(tmp_path, 'model_type: VQGANModel\n', 'model_type: VQGANModel\nfoo: 1\n')
+    with pytest.raises(OptionsError, match=f'{bad}: unknown option key "foo"'):
+        train_pipeline(str(tmp_path / 'root'), argv=train_argv(data_dirs, yml=bad))
+    assert not osp.exists(tmp_path / 'root')
+
+
+def test_string_learning_rate_is_a_clear_error(tmp_path, data_dirs):
+    bad = _write_variant(tmp_path, 'lr: !!float 2e-4', 'lr: 1e-4')
+    with pytest.raises(OptionsError, match=f'{bad}: option train:optim_g:lr must be a number'):
+        train_pipeline(str(tmp_path / 'root'), argv=train_argv(data_dirs, yml=bad))
+    assert not osp.exists(tmp_path / 'root')
+
+
+def test_cli_reports_a_bad_options_file_in_one_line(tmp_path):
+    bad = _write_variant(tmp_path, 'model_type: VQGANModel\n', 'model_type: VQGANModel\nfoo: 1\n')
+    proc = subprocess.run([sys.executable, osp.join(ROOT, 'vqir', 'train.py'), '-opt', bad], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith('error: ') and bad in lines[0] and '"foo"' in lines[0]
+    assert not osp.exists(tmp_path / 'experiments')
+
+
+def test_test_pipeline_writes_reconstructions_and_metrics(trained, val_dir, tmp_path):
+    weights = osp.join(trained, 'experiments', NAME, 'models', 'net_g_6.pth')
+    root = str(tmp_path)
+    model = run_test_pipeline(root, argv=['-opt', TEST_YML, '--force_yml', f'datasets:test_1:dataroot_gt={val_dir}',
+                                          f'path:pretrain_network_g={weights}'])
+    results = osp.join(root, 'results', model.opt['name'])
+    for name, shape in (('cat', (64, 80, 3)), ('coffee', (72, 56, 3))):
+        assert cv2.imread(osp.join(results, 'demo_val', 'rec', f'{name}.png')).shape == shape
+    logs = glob.glob(osp.join(results, f'test_{model.opt["name"]}_*.log'))
+    assert len(logs) == 1 and 'Mean metrics per test set' in read_text(logs[0]), f'no log file in {results}'
+    metrics = read_csv(osp.join(results, 'metrics_demo_val.csv'))
+    assert [r['image'] for r in metrics] == ['cat', 'coffee', 'mean']
+    assert list(metrics[0]) == ['image', 'psnr', 'ssim', 'codebook_perplexity', 'codebook_used_fraction']
+    # the test loop and the training run's validation saw the same network on the same images
+    trained_metrics = read_csv(osp.join(trained, 'experiments', NAME, 'visualization', 'metrics_demo_val_6.csv'))
+    assert [r['psnr'] for r in metrics] == [r['psnr'] for r in trained_metrics]
