@@ -321,7 +321,7 @@ class VQIRBaseModel(BaseModel):
         from vqir.utils.lpips_weights import LPIPSWeightsNotFoundError, lpips_backbone_path
         kept = OrderedDict()
         for name, opt_ in metric_opts.items():
-            if opt_.get('type') == 'calculate_lpips':
+            if opt_.get('type') == 'calculate_lpips' and opt_.get('pretrained_backbone', True):
                 try:
                     lpips_backbone_path(opt_.get('net', 'vgg'))
                 except LPIPSWeightsNotFoundError as err:

@@ -66,8 +66,9 @@ def _is_number(v):
 
 def check_options(opt, opt_path, is_train):
     """Reject unknown keys and wrong types early, naming the file and the key."""
+    network_keys = [key for key in opt if key.startswith('network_') and key not in KNOWN_TOP_LEVEL_KEYS]
     for key in opt:
-        if key not in KNOWN_TOP_LEVEL_KEYS and not key.startswith('network_'):
+        if key not in KNOWN_TOP_LEVEL_KEYS and key not in network_keys:
             raise OptionsError(f'{opt_path}: unknown option key "{key}" '
                                f'(known: {", ".join(sorted(KNOWN_TOP_LEVEL_KEYS))}, network_*)')
     for key in ('name', 'model_type'):
@@ -85,10 +86,10 @@ def check_options(opt, opt_path, is_train):
         if is_train:
             _expect(phase == 'train' or phase.startswith('val'), opt_path, f'datasets:{phase}',
                     'is not a valid phase in a training file (use train, val, val_1, ...)')
-    for key, value in opt.items():
-        if key.startswith('network_'):
-            _expect(isinstance(value, dict) and isinstance(value.get('type'), str), opt_path, key,
-                    'must be a mapping with a "type"')
+    for key in network_keys:
+        value = opt[key]
+        _expect(isinstance(value, dict) and isinstance(value.get('type'), str), opt_path, key,
+                'must be a mapping with a "type"')
     path = opt.setdefault('path', OrderedDict())
     _expect(isinstance(path, dict), opt_path, 'path', 'must be a mapping')
     for key in path:

@@ -1,0 +1,217 @@
+"""Stage 1 (VQIRModel): only the IFRM learns, the VQGAN stays frozen and in eval mode, the
+losses go down, the weights load from every supported source, and the train and test
+pipelines write checkpoints, images and metrics."""
+import csv
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from basicsr.archs import build_network
+from basicsr.data import build_dataset
+from basicsr.models import build_model
+from skimage import data as skdata
+from torch.utils.data import default_collate
+
+from vqir.models.rescaling_base import VQGAN_PARTS
+from vqir.test_pipeline import test_pipeline as run_test_pipeline
+from vqir.train_pipeline import train_pipeline
+from vqir.utils.checkpoint import CheckpointError
+from vqir.utils.options import parse_options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_YML = os.path.join(ROOT, 'options', 'train', 'stage1_ifrm_tiny.yml')
+TRAIN_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
+# (name, (height, width)): sides that are not all multiples of 16 (padding), LR sides >= 11 (SSIM window)
+VAL_PHOTOS = (('astronaut', (184, 200)), ('coffee', (176, 216)))
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """The tiny networks here run many small ops, where a second thread gains little and, on a
+    shared CPU, stalls badly (measured on 2 busy cores: 777 s with 2 threads, 17 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_photos(folder, photos):
+    os.makedirs(folder, exist_ok=True)
+    for name, (height, width) in photos:
+        rgb = cv2.resize(getattr(skdata, name)(), (width, height), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(os.path.join(folder, f'{name}.png'), rgb[..., ::-1])
+    return folder
+
+
+@pytest.fixture(scope='module')
+def photo_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp('photos')
+    train = write_photos(str(base / 'train'), [(name, (96, 96)) for name in TRAIN_PHOTOS])
+    val = write_photos(str(base / 'val'), VAL_PHOTOS)
+    return train, val
+
+
+def tiny_options(root, photo_dirs, *overrides, is_train=True):
+    train, val = photo_dirs
+    argv = ['-opt', TINY_YML, '--force_yml', f'datasets:train:dataroot_gt={train}', f'datasets:val:dataroot_gt={val}',
+            *overrides]
+    opt, _ = parse_options(str(root), is_train=is_train, argv=argv)
+    return opt
+
+
+def fixed_batch(opt, size=2):
+    dataset = build_dataset(opt['datasets']['train'])
+    return default_collate([dataset[i] for i in range(size)])
+
+
+def parameters_of(net, parts):
+    return {k: v.detach().clone() for k, v in net.named_parameters() if k.split('.')[0] in parts}
+
+
+def test_training_improves_only_the_ifrm(tmp_path, photo_dirs):
+    opt = tiny_options(tmp_path, photo_dirs)
+    model = build_model(opt)
+    net = model.bare_net
+    frozen_before = parameters_of(net, VQGAN_PARTS)
+    ifrm_before = parameters_of(net, ('icrm', ))
+    assert set(k.split('.')[0] for k, _ in net.named_children()) == set(VQGAN_PARTS) | {'icrm'}
+
+    # the optimiser holds exactly the IFRM's trainable parameters
+    optimised = {id(p) for group in model.optimizer_g.param_groups for p in group['params']}
+    assert optimised == {id(p) for p in net.icrm.parameters() if p.requires_grad}
+
+    batch = fixed_batch(opt)
+    logs = []
+    for it in range(1, 31):
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+        logs.append(dict(model.log_dict))
+    assert list(logs[0]) == ['l_guide', 'l_feature', 'l_gram', 'l_total']
+    first, last = logs[0]['l_feature'], np.mean([log['l_feature'] for log in logs[-5:]])
+    # measured: 7.0e-2 at iteration 1 -> 8.9e-4 over iterations 26-30 (a factor of about 80)
+    assert last < first / 20, f'feature loss {first:.3e} -> {last:.3e}'
+    assert np.mean([log['l_guide'] for log in logs[-5:]]) < logs[0]['l_guide']
+
+    for key, value in parameters_of(net, VQGAN_PARTS).items():
+        assert torch.equal(value, frozen_before[key]), f'frozen {key} changed'
+    for name, param in net.named_parameters():
+        if name.split('.')[0] in VQGAN_PARTS:
+            assert not param.requires_grad and param.grad is None, name
+    changed = [k for k, v in parameters_of(net, ('icrm', )).items() if not torch.equal(v, ifrm_before[k])]
+    assert len(changed) > 0.9 * len(ifrm_before)
+
+    # frozen parts stay in eval mode whatever train() is asked
+    model.net_g.train()
+    assert net.training and net.icrm.training
+    for part in VQGAN_PARTS:
+        assert all(not m.training for m in getattr(net, part).modules()), part
+
+
+def test_weights_from_every_source(tmp_path, photo_dirs):
+    base = tiny_options(tmp_path, photo_dirs)
+    torch.manual_seed(1)
+    source = build_network(dict(base['network_g']))  # another random VQGAN: its values are recognisable
+    with torch.no_grad():
+        for param in source.icrm.parameters():
+            param.fill_(0.125)  # and an IFRM that no initialisation produces
+    state = source.state_dict()
+    vqgan_state = {k: v for k, v in state.items() if k.split('.')[0] in VQGAN_PARTS}
+
+    # a taming/Lightning .ckpt: state_dict (with the loss's discriminator) beside trainer state
+    taming = tmp_path / 'vqgan.ckpt'
+    taming_state = dict(vqgan_state, **{'loss.discriminator.main.0.weight': torch.zeros(4, 3, 4, 4)})
+    torch.save({'state_dict': taming_state, 'epoch': 3, 'global_step': 1000}, taming)
+    # our stage-0 output and an official (plain state_dict) VQIR file
+    ours = tmp_path / 'net_g_stage0.pth'
+    torch.save({'params': vqgan_state}, ours)
+    official = tmp_path / 'vqir_plain.pth'
+    torch.save(state, official)
+
+    for path in (taming, ours, official):
+        model = build_model(tiny_options(tmp_path, photo_dirs, f'path:pretrain_network_vqgan={path}'))
+        loaded = {k: v.cpu() for k, v in model.bare_net.state_dict().items()}
+        for key, value in vqgan_state.items():
+            assert torch.equal(loaded[key], value), f'{path.name}: {key}'
+        # the IFRM is never read from a VQGAN source, not even from a whole VQIR file
+        assert not any((v == 0.125).all() for k, v in loaded.items() if k.startswith('icrm.')), path.name
+
+    # a whole stage-1 state, strictly; it wins over the VQGAN file
+    full = tmp_path / 'net_g_1000.pth'
+    torch.save({'params': state}, full)
+    model = build_model(tiny_options(tmp_path, photo_dirs, f'path:pretrain_network_g={full}'))
+    assert all(torch.equal(v.cpu(), state[k]) for k, v in model.bare_net.state_dict().items())
+
+    # a VQGAN file is not a whole VQIR state: the error names the file and the right key
+    with pytest.raises(CheckpointError, match='pretrain_network_vqgan') as err:
+        build_model(tiny_options(tmp_path, photo_dirs, f'path:pretrain_network_g={ours}'))
+    assert str(ours) in str(err.value)
+
+
+def test_network_block_names_and_stage(tmp_path, photo_dirs):
+    opt = tiny_options(tmp_path, photo_dirs)
+    opt['network_ir'] = opt.pop('network_g')  # the reference's name
+    assert build_model(opt).bare_net.stage == 1
+    opt['network_g'] = dict(opt['network_ir'])
+    with pytest.raises(ValueError, match='network_g .*network_ir.*both'):
+        build_model(opt)
+    opt = tiny_options(tmp_path, photo_dirs, 'network_g:stage=2', 'network_g:attn_mult=[1, 1]')
+    with pytest.raises(ValueError, match='stage 1'):
+        build_model(opt)
+
+
+def read_csv(path):
+    with open(path, newline='', encoding='utf-8') as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_and_test_pipelines(tmp_path, photo_dirs):
+    root = tmp_path / 'run'
+    train_pipeline(str(root), argv=[
+        '-opt', TINY_YML, '--force_yml', f'datasets:train:dataroot_gt={photo_dirs[0]}',
+        f'datasets:val:dataroot_gt={photo_dirs[1]}', 'train:total_iter=4', 'val:val_freq=4', 'logger:print_freq=2',
+        'logger:save_checkpoint_freq=4'
+    ])
+    exp = root / 'experiments' / 'stage1_ifrm_tiny'
+    for name in ('net_g_4.pth', 'net_g_latest.pth'):
+        assert (exp / 'models' / name).is_file()
+    assert (exp / 'training_states' / '4.state').is_file()
+    rows = read_csv(exp / 'visualization' / 'metrics_demo_val_4.csv')
+    assert [r['image'] for r in rows] == ['astronaut', 'coffee', 'mean']
+    assert set(rows[0]) == {'image', 'psnr_sr', 'ssim_sr', 'psnr_lr', 'ssim_lr'}
+    assert all(np.isfinite(float(r[key])) for r in rows for key in ('psnr_sr', 'ssim_sr', 'psnr_lr', 'ssim_lr'))
+    losses = read_csv(exp / 'train_log.csv')
+    assert [r['iter'] for r in losses] == ['2', '4'] and 'l_feature' in losses[0]
+    sr = cv2.imread(str(exp / 'visualization' / 'demo_val' / 'SR' / 'astronaut_4.png'))
+    lr = cv2.imread(str(exp / 'visualization' / 'demo_val' / 'LR' / 'astronaut_4.png'))
+    assert sr.shape == (184, 200, 3) and lr.shape == (12, 13, 3)  # padded for the network, cropped back
+
+    # test pipeline on the trained network, at the images' own sizes
+    test_opt = {
+        'name': 'stage1_tiny_test',
+        'model_type': 'VQIRModel',
+        'num_gpu': 0,
+        'manual_seed': 0,
+        'datasets': {'test_1': {'name': 'photos', 'type': 'HRImageDataset', 'dataroot_gt': photo_dirs[1],
+                                'io_backend': {'type': 'disk'}, 'ir_scale': 16}},
+        'network_g': yaml.safe_load(open(TINY_YML, encoding='utf-8'))['network_g'],
+        'path': {'pretrain_network_g': str(exp / 'models' / 'net_g_latest.pth'), 'strict_load_g': True},
+        'val': {'save_img': True, 'pbar': False, 'metrics': {
+            'psnr_sr': {'type': 'calculate_psnr', 'output': 'SR', 'target': 'gt', 'crop_border': 16,
+                        'test_y_channel': True},
+            'psnr_lr': {'type': 'calculate_psnr', 'output': 'LR', 'target': 'lq', 'crop_border': 0,
+                        'test_y_channel': True}}},
+    }
+    test_yml = tmp_path / 'test_stage1_tiny.yml'
+    test_yml.write_text(yaml.safe_dump(test_opt, sort_keys=False))
+    model = run_test_pipeline(str(root), argv=['-opt', str(test_yml)])
+    results = root / 'results' / 'stage1_tiny_test'
+    for name, (height, width) in VAL_PHOTOS:
+        assert cv2.imread(str(results / 'photos' / 'SR' / f'{name}.png')).shape == (height, width, 3)
+        lr = cv2.imread(str(results / 'photos' / 'LR' / f'{name}.png'))
+        assert lr.shape == (-(-height // 16), -(-width // 16), 3)
+    rows = read_csv(results / 'metrics_photos.csv')
+    assert [r['image'] for r in rows] == ['astronaut', 'coffee', 'mean']
+    assert float(rows[-1]['psnr_sr']) == pytest.approx(model.last_validation['mean']['psnr_sr'], abs=1e-4)
