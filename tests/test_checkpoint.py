@@ -20,6 +20,15 @@ from vqir.utils.checkpoint import (CheckpointError, atomic_torch_save, load_chec
 TINY = dict(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, z_channels=16, n_embed=64, embed_dim=8)
 
 
+@pytest.fixture(autouse=True, scope='module')
+def single_thread():
+    """These tensors are tiny: threads only add synchronisation (costly on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class HyperParameters:
     """A non-tensor object of a class weights_only does not know, as Lightning stores them."""
 
@@ -274,8 +283,9 @@ def test_converter_script_end_to_end(tmp_path, repo_root, capsys):
     script = os.path.join(repo_root, 'scripts', 'convert_taming_ckpt.py')
 
     def run(*args):
+        env = dict(os.environ, OMP_NUM_THREADS='1')
         return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
-                              cwd=repo_root, timeout=120)
+                              cwd=repo_root, env=env, timeout=120)
 
     out = tmp_path / 'vqgan.safetensors'
     result = run(ckpt, out, '--config', config)

@@ -10,7 +10,7 @@ from vqir.archs import axial_attention
 from vqir.archs.axial_attention import InterAxialBlock, IntraAxialBlock
 from vqir.archs.msrm_arch import MSRM
 
-OFFICIAL_KEYS = '/work/shared/reference/official_vqir_keys.json'
+OFFICIAL_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reference', 'official_vqir_keys.json')
 SMALL = dict(ch=64, ch_mult=[1, 1, 1], attn_mult=[1, 1])
 
 

@@ -21,7 +21,7 @@ from vqir.test_pipeline import test_pipeline as run_test_pipeline
 from vqir.utils.options import check_options, load_options_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OFFICIAL_KEYS = '/work/shared/reference/official_vqir_keys.json'
+OFFICIAL_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reference', 'official_vqir_keys.json')
 IR_SCALE = 16
 # sizes that are not multiples of 16: the reference's test sets crop them (bottom rows, right columns)
 PHOTOS = (('astronaut', (72, 104)), ('coffee', (100, 90)))

@@ -306,7 +306,7 @@ def test_missing_training_options_are_named(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- option files
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TAMING_KEYS_JSON = '/work/shared/reference/taming_vqgan_keys.json'
+TAMING_KEYS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reference', 'taming_vqgan_keys.json')
 VQGAN_SHAPE_KEYS = ('ch', 'ch_mult', 'num_res_blocks', 'z_channels', 'n_embed', 'embed_dim')
 
 

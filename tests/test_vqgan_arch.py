@@ -1,5 +1,6 @@
 """VQGAN architecture: taming-compatible layout, quantiser, attention, decoder features, a tiny overfit."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,9 +11,18 @@ from basicsr.archs import build_network
 from vqir.archs.vqgan_arch import (VQGAN, AttnBlock, Decoder, Downsample, Encoder, ResnetBlock, Upsample,
                                    VectorQuantizer)
 
-KEYS_JSON = '/work/shared/reference/taming_vqgan_keys.json'
+KEYS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reference', 'taming_vqgan_keys.json')
 F16_1024 = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, n_embed=1024, embed_dim=256)
 TINY = dict(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, z_channels=16, n_embed=64, embed_dim=8)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def single_thread():
+    """These tensors are tiny: threads only add synchronisation (costly on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _layout(module):
@@ -253,6 +263,20 @@ def test_quantizer_picks_nearest_code_and_beta_placement():
     assert torch.allclose(emb_grad, 0.25 * emb_grad_fixed, atol=1e-8)
 
 
+def test_quantizer_distances_stay_float32_under_autocast():
+    # close codes far from the origin: in bfloat16 nearly every position would get a wrong code
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(256, 32)
+    with torch.no_grad():
+        quantizer.embedding.weight.copy_(torch.randn(256, 32) * 0.05 + 1.0)
+    z = torch.randn(2, 32, 8, 8) * 0.05 + 1.0
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 32).double()
+    brute = torch.cdist(flat, quantizer.embedding.weight.detach().double()).argmin(dim=1)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        _, _, (_, _, indices) = quantizer(z)
+    assert torch.equal(indices, brute)
+
+
 def test_straight_through_gradient_reaches_encoder():
     torch.manual_seed(0)
     quantizer = VectorQuantizer(16, 4)
@@ -295,18 +319,13 @@ def test_tiny_vqgan_overfits_one_image():
     net = VQGAN(**TINY)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     losses = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors this small gain nothing from threads, which only add synchronisation
-    try:
-        for _ in range(60):
-            rec, codebook_loss = net(x)
-            loss = F.l1_loss(rec, x) + codebook_loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(60):
+        rec, codebook_loss = net(x)
+        loss = F.l1_loss(rec, x) + codebook_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < first / 3, f'loss {first:.4f} -> {last:.4f}'
 

@@ -1,0 +1,230 @@
+"""VQIR: extreme image rescaling with a frozen VQGAN prior, an IFRM and (stage 2) an MSRM.
+
+Downscaling (images in [-1, 1], NCHW)::
+
+    HR (B, 3, H, W) -> encoder -> quant_conv -> codebook  -> z_q (B, embed_dim, H/16, W/16)
+      -> IFRM forward -> 8-bit quantisation -> LR (B, 3, H/s, W/s)          s = ir_scale (16 or 32)
+
+Upscaling::
+
+    LR -> IFRM reverse -> re_quant_feat (B, embed_dim, H/16, W/16) -> codebook -> post_quant_conv
+      -> decoder -> SR (B, 3, H, W) and decoder features Level_1/2/4/...
+      -> (stage 2) MSRM -> Level_4 (H/4), Level_2 (H/2), Level_1 (H, the final image)
+
+The VQGAN parts (encoder, quantize, quant_conv, post_quant_conv, decoder) always run without
+gradients. In stage 1 gradients reach only the IFRM; in stage 2 the IFRM also runs without
+gradients and only the refinement module (``refine``) can learn.
+
+Attribute names and state_dict order (encoder, decoder, quantize, quant_conv, post_quant_conv,
+refine in stage 2, icrm) equal the official checkpoints, which therefore load strictly.
+"""
+import copy
+
+import torch
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
+
+from .lr_quantizer import quantize_lr
+from .vqgan_arch import Decoder, Encoder, VectorQuantizer
+
+VQGAN_DOWNSAMPLE_FACTOR = 16
+
+
+def _build_registered(part_opt, defaults, where):
+    """Build ``{'type': name, **kwargs}`` from ARCH_REGISTRY; ``defaults`` fill the keys it does not give."""
+    if not isinstance(part_opt, dict) or 'type' not in part_opt:
+        raise ValueError(f"VQIR: option '{where}' must be a dict with a 'type' key, got {part_opt!r}")
+    kwargs = copy.deepcopy(part_opt)
+    arch_type = kwargs.pop('type')
+    for key, value in defaults.items():
+        kwargs.setdefault(key, value)
+    return ARCH_REGISTRY.get(arch_type)(**kwargs)
+
+
+@ARCH_REGISTRY.register()
+class VQIR(nn.Module):
+    """The VQIR rescaling network (stage 1: VQGAN + IFRM; stage 2: + MSRM refinement).
+
+    Args:
+        stage: 1 (train the IFRM) or 2 (train the refinement module ``refine``).
+        ir_scale: rescaling factor of the LR, 16 or 32.
+        in_channels, out_channels: image channels (3).
+        ch, ch_mult, double_z, num_res_blocks, z_channels: VQGAN encoder/decoder layout; the
+            VQGAN must downsample by 16 (``len(ch_mult) == 5``).
+        n_embed, embed_dim: codebook size and code dimension (the IFRM's input channels).
+        attn_mult: stage 2 only: attention pairs per refinement branch, e.g. ``[3, 3]``.
+        beta, remap, sane_index_shape: passed to the codebook quantiser.
+        ifrm: optional ``{'type': ..., **kwargs}`` to swap the IFRM (default ``{'type': 'IFRM'}``).
+            Missing ``in_channels`` / ``out_channels`` / ``ir_scale`` are filled with
+            ``embed_dim`` / ``out_channels`` / ``ir_scale``. Must provide ``forward(x, rev=False)``.
+        msrm: optional ``{'type': ..., **kwargs}`` to swap the refinement module (stage 2,
+            default ``{'type': 'MSRM'}``). Missing ``ch`` / ``ch_mult`` / ``attn_mult`` are filled
+            with this network's values. Must map the decoder features dict to
+            ``{'Level_4', 'Level_2', 'Level_1'}`` images.
+    """
+
+    def __init__(self,
+                 stage,
+                 ir_scale,
+                 in_channels,
+                 out_channels,
+                 ch,
+                 ch_mult,
+                 double_z,
+                 num_res_blocks,
+                 z_channels,
+                 n_embed,
+                 embed_dim,
+                 attn_mult=None,
+                 beta=0.25,
+                 remap=None,
+                 sane_index_shape=False,
+                 ifrm=None,
+                 msrm=None):
+        super().__init__()
+        if stage not in (1, 2):
+            raise ValueError(f'VQIR: stage must be 1 or 2, got {stage!r}')
+        if ir_scale not in (16, 32):
+            raise ValueError(f'VQIR: ir_scale must be 16 or 32, got {ir_scale!r}')
+        ch_mult = list(ch_mult)
+        if 2**(len(ch_mult) - 1) != VQGAN_DOWNSAMPLE_FACTOR:
+            raise ValueError(f'VQIR: the VQGAN must downsample by {VQGAN_DOWNSAMPLE_FACTOR}, i.e. ch_mult needs '
+                             f'5 entries, got ch_mult={ch_mult}')
+        self.stage = stage
+        self.ir_scale = ir_scale
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+        # the frozen VQGAN prior, laid out as taming's VQModel
+        self.encoder = Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, in_channels=in_channels,
+                               z_channels=z_channels, double_z=double_z)
+        self.decoder = Decoder(ch=ch, out_channels=out_channels, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                               z_channels=z_channels)
+        self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap,
+                                        sane_index_shape=sane_index_shape)
+        self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+
+        if stage == 2:
+            msrm_opt = {'type': 'MSRM'} if msrm is None else msrm
+            if attn_mult is None and 'attn_mult' not in msrm_opt:
+                raise ValueError('VQIR: stage 2 needs attn_mult (attention pairs per refinement branch, '
+                                 'e.g. [3, 3] for the official models)')
+            self.refine = _build_registered(msrm_opt, {'ch': ch, 'ch_mult': ch_mult, 'attn_mult': attn_mult},
+                                            'msrm')
+        elif msrm is not None:
+            raise ValueError('VQIR: msrm is only used in stage 2, got stage 1')
+
+        # As in the reference: every part built so far gets the transformer-style init; the
+        # IFRM is built afterwards so that it keeps its own (identity-like couplings, orthogonal
+        # 1x1 convs, fixed Haar filters).
+        self.apply(self._init_weights)
+
+        ifrm_opt = {'type': 'IFRM'} if ifrm is None else ifrm
+        self.icrm = _build_registered(
+            ifrm_opt, {'in_channels': embed_dim, 'out_channels': out_channels, 'ir_scale': ir_scale}, 'ifrm')
+
+    @staticmethod
+    @torch.no_grad()
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def ifrm(self):
+        """The invertible feature recovery module (stored as ``icrm``, the checkpoints' name)."""
+        return self.icrm
+
+    def get_last_layer(self):
+        """Weight of the last layer producing the output image (for an adaptive GAN loss weight).
+
+        Stage 1: the VQGAN decoder's ``conv_out``. Stage 2: ``refine.get_last_layer()`` when the
+        refinement module provides it, else the decoder's ``conv_out`` (the reference's choice).
+        """
+        if self.stage == 2 and hasattr(self.refine, 'get_last_layer'):
+            return self.refine.get_last_layer()
+        return self.decoder.conv_out.weight
+
+    def _check_hr(self, x_hr):
+        if (x_hr.dim() != 4 or x_hr.shape[1] != self.in_channels or x_hr.shape[2] % self.ir_scale
+                or x_hr.shape[3] % self.ir_scale):
+            raise ValueError(f'VQIR: HR input must be (B, {self.in_channels}, H, W) with H and W multiples of '
+                             f'ir_scale {self.ir_scale} (crop first), got {tuple(x_hr.shape)}')
+
+    @torch.no_grad()
+    def encode(self, x_hr):
+        """HR ``(B, 3, H, W)`` -> codebook vectors ``(B, embed_dim, H/16, W/16)`` (no gradients)."""
+        self._check_hr(x_hr)
+        quant_feat, _, _ = self.quantize(self.quant_conv(self.encoder(x_hr)))
+        return quant_feat
+
+    def _features_to_lr(self, quant_feat, noise):
+        """IFRM forward + 8-bit quantisation; without gradients in stage 2."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage == 1):
+            return quantize_lr(self.icrm(quant_feat, rev=False), noise=noise)
+
+    def _lr_to_features(self, lr):
+        """IFRM reverse: LR -> ``re_quant_feat`` ``(B, embed_dim, H/16, W/16)``; without gradients in stage 2."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage == 1):
+            return self.icrm(lr, rev=True)
+
+    @torch.no_grad()
+    def _decode(self, re_quant_feat):
+        """Re-quantise and decode: -> (SR ``(B, 3, H, W)``, decoder features ``{'Level_1', 'Level_2', ...}``)."""
+        quant_feat, _, _ = self.quantize(re_quant_feat)
+        return self.decoder(self.post_quant_conv(quant_feat), return_feat=True)
+
+    def downscale(self, x_hr, noise=False):
+        """HR ``(B, 3, H, W)`` in [-1, 1] -> LR ``(B, 3, H/s, W/s)`` on the 8-bit grid of [-1, 1].
+
+        ``noise=True`` replaces rounding by uniform noise of +-0.5/255 (in [0, 1] units), as in
+        stage-1 training; see :func:`vqir.archs.lr_quantizer.quantize_lr`.
+        """
+        return self._features_to_lr(self.encode(x_hr), noise=noise)
+
+    def upscale(self, lr, return_feat=False):
+        """LR ``(B, 3, H/s, W/s)`` in [-1, 1] -> dict of reconstructions.
+
+        Keys: ``re_quant_feat`` ``(B, embed_dim, H/16, W/16)`` (IFRM reverse output, before
+        re-quantisation), ``SR`` ``(B, 3, H, W)`` (VQGAN decoder output) and, in stage 2,
+        ``Level_4`` ``(B, 3, H/4, W/4)``, ``Level_2`` ``(B, 3, H/2, W/2)``, ``Level_1`` ``(B, 3, H, W)``
+        (the final image). ``return_feat`` adds ``dec_feat``: the decoder's level features
+        ``{'Level_1': (B, C1, H, W), 'Level_2': ..., ...}``.
+        """
+        if lr.dim() != 4 or lr.shape[1] != self.out_channels:
+            raise ValueError(f'VQIR: LR input must be (B, {self.out_channels}, h, w), got {tuple(lr.shape)}')
+        re_quant_feat = self._lr_to_features(lr)
+        sr, dec_feat = self._decode(re_quant_feat)
+        res = {'re_quant_feat': re_quant_feat, 'SR': sr}
+        if self.stage == 2:
+            res.update(self.refine(dec_feat))
+        if return_feat:
+            res['dec_feat'] = dec_feat
+        return res
+
+    def forward(self, x_hr, is_train=True):
+        """HR ``(B, 3, H, W)`` -> dict, with the reference's keys.
+
+        Stage 1: ``quant_feat``, ``LR``, ``re_quant_feat`` and, when ``is_train`` is False,
+        ``SR``. With ``is_train`` the LR uses noise instead of rounding.
+        Stage 2: ``LR``, ``Level_4``, ``Level_2``, ``Level_1``; the LR is always rounded.
+        """
+        quant_feat = self.encode(x_hr)
+        if self.stage == 1:
+            lr = self._features_to_lr(quant_feat, noise=is_train)
+            re_quant_feat = self._lr_to_features(lr)
+            res = {'quant_feat': quant_feat, 'LR': lr, 're_quant_feat': re_quant_feat}
+            if not is_train:
+                res['SR'], _ = self._decode(re_quant_feat)
+            return res
+
+        lr = self._features_to_lr(quant_feat, noise=False)
+        _, dec_feat = self._decode(self._lr_to_features(lr))
+        res = {'LR': lr}
+        res.update(self.refine(dec_feat))
+        return res
