@@ -1,0 +1,564 @@
+"""Inference with a VQIR network on images of any size: padding, tiling, blending, conversions.
+
+:class:`Rescaler` owns everything between a user's image and the network:
+
+* **Values.** Callers give and get float tensors ``(B, 3, H, W)``, RGB in [0, 1]; the network
+  sees [-1, 1], RGB, or BGR with ``network_color='bgr'`` (the reference's stage-1 quirk).
+* **Sizes.** The network needs sides that are multiples of ``s = ir_scale``. ``size_mode='pad'``
+  (default) extends the bottom/right with a mirror image of the border (reflect padding) and
+  crops the reconstructions back, so any image of at least ``s x s`` pixels round-trips to its
+  own size, with an LR of ``ceil(H/s) x ceil(W/s)``. ``size_mode='mod_crop'`` instead removes
+  the last rows/columns, as the reference's test sets do (for paper-comparable metrics).
+* **The LR is an 8-bit image.** ``downscale`` returns values exactly ``k / 255``: what a
+  PNG holds, and what ``upscale`` reads back from it bit for bit.
+* **Halves.** ``downscale`` runs only the encoder side (VQGAN encoder, codebook, IFRM forward);
+  ``upscale`` only the decoder side (IFRM reverse, codebook, VQGAN decoder, MSRM). Both run
+  under ``torch.inference_mode()`` with the network in eval mode (its previous mode is restored).
+* **Precision.** ``half=True`` (CUDA only) runs the VQGAN and the MSRM under fp16 autocast;
+  ``bf16=True`` uses bfloat16 autocast (CPU or CUDA). The codebook search, the IFRM and the
+  8-bit quantisation always run in float32: they are cheap (1/16 resolution) and the IFRM
+  reverse and the nearest-code search are sensitive to rounding.
+
+Tiling
+------
+Images too large to run in one piece are split into tiles, both when downscaling and when
+upscaling. Automatic when the (padded) image has more than ``auto_tile_pixels`` pixels (the
+reference's threshold, 2048 x 1024), forced with ``tile=N``, disabled with ``tile=0``.
+
+* The tile grid lies on LR pixel boundaries: tile cores are multiples of ``s`` HR pixels, at
+  most ``tile`` wide, split as evenly as possible (sizes differ by at most one LR pixel).
+* Each tile runs on its core plus ``tile_overlap`` HR pixels of context on every side (less
+  at the image border). The outer half of that context is discarded. Across the inner band,
+  ``tile_overlap`` wide and centred on the boundary between two cores, the two tiles'
+  results are cross-faded with a raised-cosine ramp whose weights sum to one.
+* Only the full-resolution parts are tiled, and blending happens where it cannot break the
+  8-bit grid:
+
+  - ``downscale`` tiles the VQGAN encoder and blends its continuous output (before the codebook
+    search). The codebook search, the IFRM forward and the 8-bit rounding then run once on the
+    whole 1/16-resolution feature map, so the LR is exactly on the 8-bit grid, and every LR
+    pixel is computed once, from the one assembled feature map, with no seam from the IFRM.
+  - ``upscale`` runs the IFRM reverse and the codebook lookup once on the whole LR, then tiles
+    the VQGAN decoder and the MSRM over the codebook features and blends each output image
+    (``Level_k`` at its own resolution).
+
+  The whole-image parts work at 1/16 resolution, where a feature map costs 1/128 of the
+  encoder's first full-resolution one, so they are not what limits the image size.
+* A tiled result is close to, but not bit-identical with, the whole-image result: the VQGAN's
+  receptive field spans well over 100 pixels (more than any practical context), it normalises
+  with GroupNorm over what it sees and attends globally at its lowest level, and the MSRM
+  attends along whole rows and columns. The reference's tiling has the same property, without
+  blending; blending turns the per-tile differences into smooth transitions instead of seams.
+"""
+import copy
+import math
+import re
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import ARCH_REGISTRY
+from torch import nn
+
+from vqir.archs.lr_quantizer import quantize_lr
+from vqir.utils.checkpoint import CheckpointError, load_state_dict, load_weights
+
+__all__ = [
+    'Rescaler', 'NetworkOptionsError', 'official_network_options', 'inspect_vqir_weights', 'DEFAULT_AUTO_TILE_PIXELS'
+]
+
+# The reference runs images with fewer pixels than this in one piece.
+DEFAULT_AUTO_TILE_PIXELS = 2048 * 1024
+# The reference enlarges every tile by 128 HR pixels on each side.
+DEFAULT_TILE_OVERLAP = 128
+# The VQGAN encoder/decoder work at 1/16 of the image: context must be whole feature pixels.
+VQGAN_FACTOR = 16
+
+# Network of the released models (reference options test_vqir_stage2.yml); ir_scale and stage are added.
+_OFFICIAL_NETWORK = OrderedDict(
+    type='VQIR',
+    in_channels=3,
+    out_channels=3,
+    ch=128,
+    ch_mult=[1, 1, 2, 2, 4],
+    double_z=False,
+    num_res_blocks=2,
+    z_channels=256,
+    n_embed=1024,
+    embed_dim=256,
+    attn_mult=[3, 3])
+
+_NETWORK_PARTS = ('encoder', 'quant_conv', 'quantize', 'icrm', 'post_quant_conv', 'decoder')
+
+
+class NetworkOptionsError(ValueError):
+    """Network options (a ``network_g`` block) that do not describe a usable VQIR network."""
+
+
+def official_network_options(ir_scale, stage=2):
+    """Options (``{'type': 'VQIR', ...}``) of the released VQIR networks for ``ir_scale`` 16 or 32."""
+    if ir_scale not in (16, 32):
+        raise ValueError(f'ir_scale must be 16 or 32, got {ir_scale!r}')
+    if stage not in (1, 2):
+        raise ValueError(f'stage must be 1 or 2, got {stage!r}')
+    opt = copy.deepcopy(_OFFICIAL_NETWORK)
+    opt.update(stage=stage, ir_scale=ir_scale)
+    if stage == 1:
+        del opt['attn_mult']
+    return opt
+
+
+def inspect_vqir_weights(path):
+    """(stage, ir_scale) of a VQIR checkpoint, from its entries: ``refine.*`` exists only in stage 2,
+    the IFRM's fixed Haar filters (``icrm.*.haar_weights``) only in 32x networks.
+
+    Raises CheckpointError naming the file when it cannot be read or holds no VQIR network.
+    """
+    keys = list(load_state_dict(path).keys())
+    if not any(k.startswith('icrm.') for k in keys):
+        if any(k.startswith('encoder.') for k in keys):
+            raise CheckpointError(f'{path}: no icrm.* entries: a VQGAN checkpoint, not a VQIR network')
+        raise CheckpointError(f'{path}: no icrm.* entries: not a VQIR checkpoint')
+    ir_scale = 32 if any(k.startswith('icrm.') and k.endswith('haar_weights') for k in keys) else 16
+    stage = 2 if any(k.startswith('refine.') for k in keys) else 1
+    return stage, ir_scale
+
+
+def _build_network(net_opt, uninitialised=False):
+    """Build a VQIR network from ``{'type': 'VQIR', **kwargs}``.
+
+    ``uninitialised``: allocate the parameters without running the random initialisation (the
+    network is built on the meta device, then given empty CPU storage), for a network whose
+    every parameter is loaded next: initialising 87M parameters costs seconds on a CPU. VQIR
+    has no buffers outside its state_dict, so a strict load leaves nothing uninitialised.
+    """
+    net_opt = copy.deepcopy(dict(net_opt))
+    net_type = net_opt.pop('type', None)
+    if net_type != 'VQIR':
+        raise NetworkOptionsError(f"type must be 'VQIR', got {net_type!r}")
+    try:
+        if not uninitialised or net_opt.get('remap') is not None:  # a remap file is read while building
+            return ARCH_REGISTRY.get(net_type)(**net_opt)
+        with torch.device('meta'):
+            net = ARCH_REGISTRY.get(net_type)(**net_opt)
+        if any(True for _ in net.buffers()):  # buffers might live outside the state_dict: initialise normally
+            return ARCH_REGISTRY.get(net_type)(**net_opt)
+        return net.to_empty(device='cpu')
+    except (TypeError, ValueError, KeyError) as err:  # unknown, missing or invalid keyword: name it
+        message = re.sub(r'^(\w+\.)?__init__\(\)', net_type, str(err).strip('"'))
+        raise NetworkOptionsError(message) from None
+
+
+def _resolve_device(device):
+    if device is None or device == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {device} asked for, but CUDA is not available')
+    return device
+
+
+def _span_starts(length, tile, align):
+    """Core spans [(start, end)] covering [0, length), multiples of ``align``, each at most ``tile``.
+
+    ``length`` is a multiple of ``align``. Spans are as even as possible (sizes differ by at most
+    ``align``; the larger ones last, as in the reference).
+    """
+    if not tile or tile >= length:
+        return [(0, length)]
+    units, tile_units = length // align, tile // align
+    count = math.ceil(units / tile_units)
+    base, extra = divmod(units, count)
+    spans, start = [], 0
+    for i in range(count):
+        size = (base + (1 if i >= count - extra else 0)) * align
+        spans.append((start, start + size))
+        start += size
+    return spans
+
+
+def _ramp(t):
+    """Raised cosine: 0 for t <= 0, 1 for t >= 1; ramp(t) + ramp(1 - t) = 1."""
+    t = t.clamp(0., 1.)
+    return 0.5 - 0.5 * torch.cos(math.pi * t)
+
+
+def _blend_weights_1d(core, ext, length, overlap, factor, device):
+    """Weights of one tile along one axis, at resolution 1/factor, over its extended span ``ext``.
+
+    Pixel j (of the 1/factor grid) covers HR coordinates [j*factor, (j+1)*factor); its weight is
+    taken at the pixel centre. 1 inside the core away from neighbours; a raised-cosine ramp over
+    ``[boundary - overlap/2, boundary + overlap/2]`` at every boundary with a neighbouring core;
+    0 beyond (the outer half of the context). Without overlap: 1 inside the core, 0 outside.
+    """
+    (c0, c1), (e0, e1) = core, ext
+    centres = (torch.arange(e0 // factor, e1 // factor, device=device, dtype=torch.float32) + 0.5) * factor
+    if overlap == 0:
+        return ((centres >= c0) & (centres < c1)).float()
+    weight = torch.ones_like(centres)
+    if c0 > 0:
+        weight = weight * _ramp((centres - (c0 - overlap / 2)) / overlap)
+    if c1 < length:
+        weight = weight * _ramp(((c1 + overlap / 2) - centres) / overlap)
+    return weight
+
+
+class _Tile:
+    """One tile: its core and extended (core + context) spans in HR pixels of the padded image."""
+
+    def __init__(self, core_y, core_x, ext_y, ext_x):
+        self.core_y, self.core_x, self.ext_y, self.ext_x = core_y, core_x, ext_y, ext_x
+
+    def region(self, factor):
+        """Slices of the extended span at resolution 1/factor."""
+        return (slice(self.ext_y[0] // factor, self.ext_y[1] // factor),
+                slice(self.ext_x[0] // factor, self.ext_x[1] // factor))
+
+
+class _Blender:
+    """Accumulates tile outputs ``(B, C, h, w)`` at resolution 1/factor with blending weights."""
+
+    def __init__(self, size, overlap):
+        self.size, self.overlap = size, overlap  # padded HR (H, W)
+        self.sums = OrderedDict()  # name -> (weighted sum, weight sum, factor)
+
+    def add(self, name, tile, out, factor):
+        height, width = self.size
+        wy = _blend_weights_1d(tile.core_y, tile.ext_y, height, self.overlap, factor, out.device)
+        wx = _blend_weights_1d(tile.core_x, tile.ext_x, width, self.overlap, factor, out.device)
+        weight = wy[:, None] * wx[None, :]
+        if name not in self.sums:
+            b, c = out.shape[:2]
+            self.sums[name] = (out.new_zeros((b, c, height // factor, width // factor), dtype=torch.float32),
+                               out.new_zeros((height // factor, width // factor), dtype=torch.float32), factor)
+        total, weight_sum, _ = self.sums[name]
+        ys, xs = tile.region(factor)
+        total[:, :, ys, xs] += out.float() * weight
+        weight_sum[ys, xs] += weight
+
+    def result(self):
+        # every pixel lies in exactly one core, where its tile's weight is positive
+        return OrderedDict((name, total / weight_sum) for name, (total, weight_sum, _) in self.sums.items())
+
+
+class Rescaler:
+    """Downscale images to 8-bit LR images and rebuild them, with a VQIR network, at any size.
+
+    Args:
+        net: a built ``VQIR`` network (a DataParallel/DDP wrapper is unwrapped). Its stage
+            (1: ``SR`` output; 2: ``Level_*`` outputs) is read from it.
+        ir_scale: 16 or 32; defaults to ``net.ir_scale`` and must equal it when given.
+        device: where to run. None keeps the network where it is; 'auto' picks CUDA when
+            available; else a device (the network is moved there).
+        tile: largest tile core in HR pixels, a multiple of ``ir_scale``. None: tile only images
+            with more than ``auto_tile_pixels`` pixels (with a tile size that keeps a tile with
+            its context within that many pixels); 0: never tile.
+        tile_overlap: context in HR pixels around every tile, a multiple of 16 (see module docstring).
+        size_mode: 'pad' (reflect-pad to a multiple of ir_scale, crop back) or 'mod_crop'
+            (crop the input to a multiple, as the reference's test sets do).
+        network_color: 'rgb', or 'bgr' for networks trained on BGR input (reference stage 1).
+        half: fp16 autocast (CUDA only).
+        bf16: bfloat16 autocast (CPU or CUDA); not together with ``half``.
+        auto_tile_pixels: the automatic tiling threshold, in pixels of the padded image.
+
+    The ``inference:`` block of an options file (``tile``, ``tile_overlap``, ``size_mode``, ...)
+    maps onto these keyword arguments.
+
+    Methods take and return float tensors ``(B, 3, H, W)``, RGB in [0, 1], on any device; results
+    come back float32 on the input's device. Outputs are not clamped (saving clamps).
+    """
+
+    def __init__(self,
+                 net,
+                 *,
+                 ir_scale=None,
+                 device=None,
+                 tile=None,
+                 tile_overlap=DEFAULT_TILE_OVERLAP,
+                 size_mode='pad',
+                 network_color='rgb',
+                 half=False,
+                 bf16=False,
+                 auto_tile_pixels=DEFAULT_AUTO_TILE_PIXELS):
+        if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            net = net.module
+        missing = [part for part in _NETWORK_PARTS if not hasattr(net, part)]
+        if missing:
+            raise TypeError(f'Rescaler needs a VQIR network; {type(net).__name__} has no {", ".join(missing)}')
+        self.stage = getattr(net, 'stage', 2 if hasattr(net, 'refine') else 1)
+        if self.stage == 2 and not hasattr(net, 'refine'):
+            raise TypeError(f'Rescaler: {type(net).__name__} is stage 2 but has no refine module')
+        net_scale = getattr(net, 'ir_scale', None)
+        if ir_scale is None:
+            ir_scale = net_scale
+        if ir_scale not in (16, 32):
+            raise ValueError(f'ir_scale must be 16 or 32, got {ir_scale!r}')
+        if net_scale is not None and net_scale != ir_scale:
+            raise ValueError(f'ir_scale {ir_scale} does not match the network, which rescales by {net_scale}')
+        self.ir_scale = ir_scale
+
+        if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 0 or
+                                 tile % ir_scale):
+            below = max(ir_scale, (tile // ir_scale) * ir_scale) if isinstance(tile, int) else ir_scale
+            raise ValueError(f'tile={tile!r}: must be 0 (never tile) or a positive multiple of ir_scale {ir_scale} '
+                             f'(e.g. {below} or {below + ir_scale})')
+        if not isinstance(tile_overlap, int) or isinstance(tile_overlap, bool) or tile_overlap < 0 or \
+                tile_overlap % VQGAN_FACTOR:
+            raise ValueError(f'tile_overlap={tile_overlap!r}: must be a non-negative multiple of {VQGAN_FACTOR} '
+                             '(the VQGAN works on 16x16 pixel blocks)')
+        if size_mode not in ('pad', 'mod_crop'):
+            raise ValueError(f"size_mode must be 'pad' or 'mod_crop', got {size_mode!r}")
+        if network_color not in ('rgb', 'bgr'):
+            raise ValueError(f"network_color must be 'rgb' or 'bgr', got {network_color!r}")
+        if not isinstance(auto_tile_pixels, int) or auto_tile_pixels <= 0:
+            raise ValueError(f'auto_tile_pixels must be a positive integer, got {auto_tile_pixels!r}')
+        self.tile = tile
+        self.tile_overlap = tile_overlap
+        self.size_mode = size_mode
+        self.network_color = network_color
+        self.auto_tile_pixels = auto_tile_pixels
+
+        if device is None:
+            param = next(net.parameters(), None)
+            self.device = param.device if param is not None else torch.device('cpu')
+        else:
+            self.device = _resolve_device(device)
+        if half and bf16:
+            raise ValueError('choose one of half (fp16) and bf16')
+        if half and self.device.type != 'cuda':
+            raise ValueError(f'half precision (fp16) needs a CUDA device; running on {self.device}')
+        self.half = half
+        self.bf16 = bf16
+        self.net = net.to(self.device) if device is not None else net
+
+    # ------------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_weights(cls, weights, scale=None, opt=None, device='auto', half=False, strict=True, **kwargs):
+        """Build the network, load ``weights`` and wrap it.
+
+        Args:
+            weights: checkpoint file (the reference's plain state_dict ``.pth``, basicsr's
+                ``{'params': ...}``, or ``.safetensors``).
+            scale: 16 or 32. Without ``opt`` it selects the official network; the weights must
+                be of that scale. None: take the scale of the weights.
+            opt: network options (the ``network_g`` block of an options file) instead of the
+                official configuration; its ``ir_scale`` must match ``scale`` and the weights.
+            device, half: see the class. strict: every parameter must be loaded.
+            **kwargs: further keyword arguments of :class:`Rescaler` (tile, tile_overlap, ...).
+
+        Raises:
+            CheckpointError naming the file: missing or unreadable, not VQIR weights, or weights
+            of another scale or stage than asked; NetworkOptionsError for invalid network options.
+        """
+        stage, weights_scale = inspect_vqir_weights(weights)
+        if opt is None:
+            if scale is not None and scale != weights_scale:
+                raise CheckpointError(f'{weights}: weights of a {weights_scale}x network, but {scale}x was asked for')
+            net = _build_network(official_network_options(weights_scale, stage), uninitialised=strict)
+        else:
+            net = _build_network(opt, uninitialised=strict)
+            if scale is not None and net.ir_scale != scale:
+                raise NetworkOptionsError(f'ir_scale is {net.ir_scale}, but {scale}x was asked for')
+            if net.ir_scale != weights_scale:
+                raise CheckpointError(f'{weights}: weights of a {weights_scale}x network, but the network options '
+                                      f'have ir_scale {net.ir_scale}')
+            if net.stage == 2 and stage == 1:
+                raise CheckpointError(f'{weights}: stage-1 weights (no refine.* entries), but the network options '
+                                      'are stage 2')
+        load_weights(net, weights, strict=strict)
+        logger = get_root_logger()
+        logger.info(f'Rescaler: stage-{net.stage} VQIR network, {net.ir_scale}x, weights {weights}')
+        return cls(net, ir_scale=net.ir_scale, device=device, half=half, **kwargs)
+
+    # ------------------------------------------------------------------------------------ helpers
+    @contextmanager
+    def _running(self):
+        """Eval mode (every module's mode is restored afterwards), inference mode."""
+        # each module's own flag: a training model keeps frozen parts in eval mode
+        modes = [(module, module.training) for module in self.net.modules()]
+        self.net.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def _autocast(self):
+        if self.half:
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _float32(self):
+        """Turn autocast off for the parts that must run in float32."""
+        if self.half or self.bf16:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return nullcontext()
+
+    def _to_network(self, img01):
+        x = img01.to(self.device, torch.float32) * 2 - 1
+        return x.flip(1) if self.network_color == 'bgr' else x
+
+    def _from_network(self, x):
+        x = x.float()
+        x = x.flip(1) if self.network_color == 'bgr' else x
+        return (x + 1) / 2
+
+    def _check_images(self, img, what):
+        if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[1] != 3:
+            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise ValueError(f'{what} must be a (B, 3, H, W) tensor, got {shape}')
+        if not img.is_floating_point():
+            raise ValueError(f'{what} must be a float tensor in [0, 1], got {img.dtype}')
+
+    def tile_size(self, height, width):
+        """Tile core size used for a (padded) HR image of ``height x width``; None when it runs whole."""
+        if self.tile == 0:
+            return None
+        if self.tile is not None:
+            return self.tile if max(height, width) > self.tile else None
+        if height * width <= self.auto_tile_pixels:
+            return None
+        side = math.isqrt(self.auto_tile_pixels) - 2 * self.tile_overlap
+        return max(self.ir_scale, side // self.ir_scale * self.ir_scale)
+
+    def _tiles(self, height, width):
+        """Tiles of a padded HR image (sides multiples of ir_scale)."""
+        tile = self.tile_size(height, width)
+        overlap = self.tile_overlap
+        tiles = []
+        for core_y in _span_starts(height, tile, self.ir_scale):
+            for core_x in _span_starts(width, tile, self.ir_scale):
+                ext_y = (max(0, core_y[0] - overlap), min(height, core_y[1] + overlap))
+                ext_x = (max(0, core_x[0] - overlap), min(width, core_x[1] + overlap))
+                tiles.append(_Tile(core_y, core_x, ext_y, ext_x))
+        return tiles
+
+    def network_size(self, height, width):
+        """(H', W'): the size the network processes for an input of ``height x width`` (padded or cropped)."""
+        s = self.ir_scale
+        if height < s or width < s:
+            raise ValueError(f'image is {width}x{height} pixels; at {s}x rescaling both sides must be at least '
+                             f'{s} pixels (one LR pixel)')
+        if self.size_mode == 'mod_crop':
+            return height // s * s, width // s * s
+        return math.ceil(height / s) * s, math.ceil(width / s) * s
+
+    def _fit(self, x):
+        """Pad (reflect, bottom/right) or crop ``(B, 3, H, W)`` to multiples of ir_scale."""
+        height, width = x.shape[-2:]
+        target_h, target_w = self.network_size(height, width)
+        if self.size_mode == 'mod_crop':
+            return x[..., :target_h, :target_w]
+        pad_h, pad_w = target_h - height, target_w - width
+        if pad_h == 0 and pad_w == 0:
+            return x
+        # reflect needs pad < side; with sides >= ir_scale > pad it always holds, replicate is a safeguard
+        mode = 'reflect' if pad_h < height and pad_w < width else 'replicate'
+        return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+    # ------------------------------------------------------------------------------------ the two halves
+    def _encode(self, x):
+        """Network-space HR ``(B, 3, H, W)`` (H, W multiples of ir_scale) -> encoder features
+        before the codebook ``(B, embed_dim, H/16, W/16)``, float32, tiled and blended if needed."""
+        net = self.net
+        tiles = self._tiles(*x.shape[-2:])
+        if len(tiles) == 1:
+            with self._autocast():
+                return net.quant_conv(net.encoder(x)).float()
+        blender = _Blender(x.shape[-2:], self.tile_overlap)
+        for tile in tiles:
+            ys, xs = tile.region(1)
+            with self._autocast():
+                feat = net.quant_conv(net.encoder(x[:, :, ys, xs]))
+            blender.add('feat', tile, feat, VQGAN_FACTOR)
+        return blender.result()['feat']
+
+    def _decode(self, quant_feat):
+        """Codebook features ``(B, embed_dim, H/16, W/16)`` -> network-space images
+        {'SR': (B, 3, H, W)} (stage 1) or {'Level_k': (B, 3, H/k, W/k), ..., 'SR'} (stage 2),
+        tiled and blended if needed."""
+        net = self.net
+        height, width = quant_feat.shape[-2] * VQGAN_FACTOR, quant_feat.shape[-1] * VQGAN_FACTOR
+
+        def run(feat):
+            with self._autocast():
+                sr, dec_feat = net.decoder(net.post_quant_conv(feat), return_feat=True)
+                outs = OrderedDict()
+                if self.stage == 2:
+                    outs.update(sorted(net.refine(dec_feat).items(), key=lambda kv: int(kv[0].split('_')[1])))
+                outs['SR'] = sr
+            return outs
+
+        tiles = self._tiles(height, width)
+        if len(tiles) == 1:
+            return OrderedDict((name, out.float()) for name, out in run(quant_feat).items())
+        blender = _Blender((height, width), self.tile_overlap)
+        for tile in tiles:
+            ys, xs = tile.region(VQGAN_FACTOR)
+            for name, out in run(quant_feat[:, :, ys, xs]).items():
+                factor = (tile.ext_y[1] - tile.ext_y[0]) // out.shape[-2]
+                blender.add(name, tile, out, factor)
+        return blender.result()
+
+    # ------------------------------------------------------------------------------------ public API
+    def downscale(self, hr):
+        """HR ``(B, 3, H, W)`` in [0, 1] -> LR ``(B, 3, ceil(H/s), ceil(W/s))`` (floor with 'mod_crop'),
+        float32 with values exactly k/255 (an 8-bit image), on ``hr``'s device."""
+        self._check_images(hr, 'HR image')
+        net = self.net
+        with self._running():
+            x = self._fit(self._to_network(hr))
+            feat = self._encode(x)
+            with self._float32():
+                quant_feat, _, _ = net.quantize(feat)
+                lr = quantize_lr(net.icrm(quant_feat, rev=False), noise=False)
+            lr01 = self._from_network(lr)
+            # exactly the value an 8-bit file gives when read and divided by 255 (also after fp16 autocast)
+            lr01 = torch.round(lr01 * 255.).clamp_(0., 255.) / 255.
+        return lr01.to(hr.device)
+
+    def upscale(self, lr, out_size=None):
+        """LR ``(B, 3, h, w)`` in [0, 1] -> OrderedDict of reconstructions in [0, 1] (unclamped).
+
+        Stage 1: {'SR': (B, 3, s*h, s*w)}. Stage 2: {'Level_1': (B, 3, s*h, s*w) (the final image),
+        'Level_2': (.., s*h/2, ..), 'Level_4': (.., s*h/4, ..), 'SR': (VQGAN decoder output)}.
+
+        Args:
+            out_size: (H, W) of the original when its sides were not multiples of s: outputs are
+                cropped to it (``Level_k`` to ``ceil(H/k) x ceil(W/k)``). Must satisfy
+                ``ceil(H/s) == h`` and ``ceil(W/s) == w``.
+        """
+        self._check_images(lr, 'LR image')
+        s = self.ir_scale
+        h, w = lr.shape[-2:]
+        if out_size is not None:
+            out_h, out_w = (int(v) for v in out_size)
+            if math.ceil(out_h / s) != h or math.ceil(out_w / s) != w or out_h <= 0 or out_w <= 0:
+                raise ValueError(f'output size {out_w}x{out_h} does not fit an LR of {w}x{h} at {s}x: '
+                                 f'width must be in {(w - 1) * s + 1}..{w * s}, height in {(h - 1) * s + 1}..{h * s}')
+        else:
+            out_h, out_w = h * s, w * s
+        net = self.net
+        with self._running():
+            with self._float32():
+                re_quant_feat = net.icrm(self._to_network(lr), rev=True)
+                quant_feat, _, _ = net.quantize(re_quant_feat.float())
+            outs = self._decode(quant_feat)
+            results = OrderedDict()
+            for name, out in outs.items():
+                factor = (h * s) // out.shape[-2]
+                out = out[..., :math.ceil(out_h / factor), :math.ceil(out_w / factor)]
+                results[name] = self._from_network(out).to(lr.device)
+        return results
+
+    def roundtrip(self, hr):
+        """HR ``(B, 3, H, W)`` -> (LR, outputs of :meth:`upscale`) with outputs of the input's size
+        (of the cropped size with 'mod_crop')."""
+        lr = self.downscale(hr)
+        out_size = self.network_size(*hr.shape[-2:]) if self.size_mode == 'mod_crop' else hr.shape[-2:]
+        return lr, self.upscale(lr, out_size=out_size)

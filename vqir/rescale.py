@@ -1,0 +1,305 @@
+"""Rescale images with a VQIR network: ``down`` makes 8-bit LR PNGs, ``up`` rebuilds the images from them.
+
+Usage::
+
+    python -m vqir.rescale down photos/ -o lr/ --weights pretrained/vqir_16x.pth
+    python -m vqir.rescale up lr/ -o rebuilt/ --weights pretrained/vqir_16x.pth
+    vqir-rescale down big.png -o lr/ --weights vqir_32x.pth --scale 32 --tile 512
+
+``down`` writes ``<stem>.png``: the LR image, 1/s of the input size (rounded up), an ordinary
+8-bit RGB PNG, and all that ``up`` needs. It also records in PNG text chunks the original size
+(``vqir:original_size``, e.g. ``1000x750``), the scale and whether the input was grey, so
+``up`` restores the exact size and form; ``--size WxH`` overrides the recorded size (an LR from
+elsewhere). RGBA inputs: the alpha channel is resized with MATLAB-style bicubic alongside and
+stored as the LR's alpha. 16-bit inputs are read in full; the LR is always 8-bit and ``up``
+writes 8 bits unless ``--bit-depth 16``.
+
+The network: ``--weights`` with ``--scale 16|32`` (the released network configuration; the
+scale is checked against the weights, and taken from them when not given), or ``--opt FILE``,
+an options YAML whose ``network_g`` (or ``network_ir``) block describes the network; its
+``path: pretrain_network_g`` is used when ``--weights`` is not given, its ``network_color`` and
+``inference`` block (tile, tile_overlap, size_mode, half, bf16, auto_tile_pixels) are honoured;
+command-line options take precedence.
+
+Every input is processed even when some fail; each failure is one line ``error: <file>: <problem>``
+on stderr, and the exit status is 1 if any failed. Outputs are written atomically: a failed
+image leaves no file behind.
+"""
+import argparse
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+from basicsr.utils.matlab_functions import imresize
+from tqdm import tqdm
+
+from vqir.inference import DEFAULT_TILE_OVERLAP, NetworkOptionsError, Rescaler
+from vqir.utils.checkpoint import CheckpointError
+from vqir.utils.image_io import ImageInfo, ImageReadError, ImageWriteError, list_images, read_image, write_image
+from vqir.utils.options import KNOWN_PATH_KEYS, KNOWN_PATH_KEYS_PREFIXES, KNOWN_TOP_LEVEL_KEYS, OptionsError, \
+    load_options_file
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT_SIZE = 'vqir:original_size'
+TEXT_SCALE = 'vqir:ir_scale'
+TEXT_MODE = 'vqir:mode'
+NETWORK_BLOCKS = ('network_g', 'network_ir')
+INFERENCE_KEYS = ('tile', 'tile_overlap', 'size_mode', 'half', 'bf16', 'auto_tile_pixels')
+
+
+class UsageError(ValueError):
+    """A problem with the command line or the options file (reported, exit status 1)."""
+
+
+def _size_arg(text):
+    match = re.fullmatch(r'\s*(\d+)\s*[xX]\s*(\d+)\s*', text)
+    if not match or int(match.group(1)) == 0 or int(match.group(2)) == 0:
+        raise argparse.ArgumentTypeError(f'expected WIDTHxHEIGHT, e.g. 1000x750, got {text!r}')
+    return int(match.group(1)), int(match.group(2))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='vqir-rescale', description='Extreme image rescaling with VQIR: 8-bit LR images and their reconstruction.')
+    sub = parser.add_subparsers(dest='command', required=True, metavar='{down,up}')
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('inputs', nargs='+', metavar='INPUT', help='image files or folders')
+    common.add_argument('-o', '--output', required=True, metavar='DIR', help='output folder (created if needed)')
+    common.add_argument('--weights', metavar='FILE', help='VQIR weights (.pth, basicsr {"params"} or .safetensors)')
+    common.add_argument('--scale', type=int, choices=(16, 32), help='16 or 32 (default: that of the weights)')
+    common.add_argument('--opt', metavar='FILE', help='options YAML with a network_g block (instead of the '
+                        'released network configuration)')
+    common.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
+    common.add_argument('--tile', type=int, metavar='N', help='tile size in HR pixels, a multiple of the scale '
+                        '(default: automatic above 2048x1024 pixels; 0: never tile)')
+    common.add_argument('--tile-overlap', type=int, metavar='N',
+                        help=f'context around tiles in HR pixels, a multiple of 16 (default {DEFAULT_TILE_OVERLAP})')
+    common.add_argument('--half', action='store_true', help='fp16 autocast (CUDA only)')
+    common.add_argument('--verbose', action='store_true', help='log what is loaded')
+
+    down = sub.add_parser('down', parents=[common], help='HR images -> 8-bit LR PNGs',
+                          description='Downscale images to 8-bit LR PNGs.')
+    down.add_argument('--mod-crop', action='store_true',
+                      help='crop to a multiple of the scale instead of padding (as the reference evaluates)')
+    up = sub.add_parser('up', parents=[common], help='LR PNGs -> reconstructed images',
+                        description='Rebuild images from LR PNGs made by "down".')
+    up.add_argument('--size', type=_size_arg, metavar='WxH',
+                    help='output size (default: recorded by "down", else scale x LR size)')
+    up.add_argument('--bit-depth', type=int, choices=(8, 16), default=8, help='bits per sample of the outputs')
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- network
+
+
+def _resolve_path(path):
+    """Relative paths in an options file: from the current folder if they exist there, else the project root."""
+    path = os.path.expanduser(path)
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    return os.path.join(PROJECT_ROOT, path)
+
+
+def _read_network_options(opt_path):
+    """(network block name, network options, weights from path:, network_color, inference options)."""
+    opt = load_options_file(opt_path)
+    for key in opt:
+        if key not in KNOWN_TOP_LEVEL_KEYS and not key.startswith('network_'):
+            raise OptionsError(f'{opt_path}: unknown option key "{key}"')
+    blocks = [b for b in NETWORK_BLOCKS if b in opt]
+    if not blocks:
+        raise OptionsError(f'{opt_path}: no network_g (or network_ir) block describing the VQIR network')
+    block = blocks[0]
+    net_opt = opt[block]
+    if not isinstance(net_opt, dict) or net_opt.get('type') != 'VQIR':
+        got = net_opt.get('type') if isinstance(net_opt, dict) else net_opt
+        raise OptionsError(f'{opt_path}: {block}: type must be VQIR, got {got!r}')
+
+    path_opt = opt.get('path') or {}
+    if not isinstance(path_opt, dict):
+        raise OptionsError(f'{opt_path}: path must be a mapping')
+    for key in path_opt:
+        if key not in KNOWN_PATH_KEYS and not key.startswith(KNOWN_PATH_KEYS_PREFIXES):
+            raise OptionsError(f'{opt_path}: path:{key} is not a known path key')
+    weights = path_opt.get('pretrain_' + block)
+    weights = _resolve_path(weights) if isinstance(weights, str) and weights else None
+
+    network_color = opt.get('network_color', 'rgb')
+    if network_color not in ('rgb', 'bgr'):
+        raise OptionsError(f'{opt_path}: network_color must be rgb or bgr, got {network_color!r}')
+    inference = opt.get('inference') or {}
+    if not isinstance(inference, dict):
+        raise OptionsError(f'{opt_path}: inference must be a mapping')
+    for key in inference:
+        if key not in INFERENCE_KEYS:
+            raise OptionsError(f'{opt_path}: inference:{key} is not a known key ({", ".join(INFERENCE_KEYS)})')
+    return block, net_opt, weights, network_color, dict(inference)
+
+
+def build_rescaler(args):
+    """The Rescaler the command line asks for; UsageError / CheckpointError name the culprit."""
+    net_opt, weights, kwargs = None, args.weights, {}
+    if args.opt:
+        block, net_opt, opt_weights, network_color, kwargs = _read_network_options(args.opt)
+        kwargs['network_color'] = network_color
+        weights = weights or opt_weights
+    if not weights:
+        raise UsageError('--weights is required (or --opt with path: pretrain_network_g)')
+    if args.tile is not None:
+        kwargs['tile'] = args.tile
+    if args.tile_overlap is not None:
+        kwargs['tile_overlap'] = args.tile_overlap
+    if args.command == 'down' and args.mod_crop:
+        kwargs['size_mode'] = 'mod_crop'
+    half = args.half or bool(kwargs.pop('half', False))
+    if half and (args.device == 'cpu' or not torch.cuda.is_available()):
+        where = '--half' if args.half else f'{args.opt}: inference:half'
+        raise UsageError(f'{where} needs a CUDA device')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise UsageError('--device cuda: CUDA is not available')
+    try:
+        return Rescaler.from_weights(weights, scale=args.scale, opt=net_opt, device=args.device, half=half, **kwargs)
+    except NetworkOptionsError as err:
+        raise UsageError(f'{args.opt}: {block}: {err}') from None
+    except CheckpointError:
+        raise
+    except ValueError as err:  # tile, tile_overlap, ... from the command line or the inference block
+        raise UsageError(str(err)) from None
+
+
+# ---------------------------------------------------------------------------------------------- one image
+
+
+def _to_tensor(img):
+    """(H, W, 3) float32 -> (1, 3, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
+
+
+def _alpha_down(alpha, rescaler):
+    """Alpha (H, W) in [0, 1] -> (h, w) of the LR: padded/cropped like the image, MATLAB bicubic 1/s."""
+    s = rescaler.ir_scale
+    height, width = alpha.shape
+    target_h, target_w = rescaler.network_size(height, width)
+    if rescaler.size_mode == 'mod_crop':
+        alpha = alpha[:target_h, :target_w]
+    else:
+        alpha = np.pad(alpha, ((0, target_h - height), (0, target_w - width)), mode='reflect')
+    return np.clip(imresize(alpha, 1. / s), 0., 1.)
+
+
+def _alpha_up(alpha, scale, out_h, out_w):
+    """LR alpha (h, w) -> (out_h, out_w): MATLAB bicubic x s, cropped."""
+    return np.clip(imresize(alpha, scale)[:out_h, :out_w], 0., 1.)
+
+
+def downscale_file(rescaler, path, out_path):
+    img, info = read_image(path)
+    height, width = img.shape[:2]
+    try:
+        lr = rescaler.downscale(_to_tensor(img))
+    except ValueError as err:
+        raise ValueError(f'{path}: {err}') from None
+    alpha = _alpha_down(info.alpha, rescaler) if info.alpha is not None else None
+    if rescaler.size_mode == 'mod_crop':
+        height, width = rescaler.network_size(height, width)
+    text = {TEXT_SIZE: f'{width}x{height}', TEXT_SCALE: str(rescaler.ir_scale), TEXT_MODE: info.mode}
+    write_image(out_path, lr[0], alpha=alpha, text=text)
+
+
+def upscale_file(rescaler, path, out_path, size=None, bit_depth=8):
+    lr, info = read_image(path)
+    s = rescaler.ir_scale
+    recorded_scale = info.text.get(TEXT_SCALE)
+    if recorded_scale is not None and recorded_scale != str(s):
+        raise ValueError(f'{path}: this LR was made at {recorded_scale}x, the network rescales by {s}x')
+    if size is None and TEXT_SIZE in info.text:
+        try:
+            size = _size_arg(info.text[TEXT_SIZE])
+        except argparse.ArgumentTypeError:
+            raise ValueError(f'{path}: unreadable {TEXT_SIZE} text chunk {info.text[TEXT_SIZE]!r} '
+                             '(give --size)') from None
+    h, w = lr.shape[:2]
+    out_w, out_h = size if size is not None else (w * s, h * s)
+    try:
+        outputs = rescaler.upscale(_to_tensor(lr), out_size=(out_h, out_w))
+    except ValueError as err:
+        raise ValueError(f'{path}: {err}') from None
+    image = outputs['Level_1'] if 'Level_1' in outputs else outputs['SR']
+    alpha = _alpha_up(info.alpha, s, out_h, out_w) if info.alpha is not None else None
+    mode = info.text.get(TEXT_MODE, info.mode)
+    out_info = ImageInfo(path=path, mode='gray' if mode == 'gray' else 'rgb', bit_depth=bit_depth,
+                         size=(out_h, out_w))
+    write_image(out_path, image[0], info=out_info, bit_depth=bit_depth, alpha=alpha)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _report(message):
+    tqdm.write(f'error: {message}', file=sys.stderr)
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit status (0: all written, 1: something failed)."""
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        from basicsr.utils import get_root_logger
+        get_root_logger(log_level='INFO').setLevel('INFO')
+
+    failed = 0
+    files = []
+    for item in args.inputs:
+        try:
+            files += list_images(item)
+        except ImageReadError as err:
+            _report(err)
+            failed += 1
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        _report(f'{args.output}: exists and is not a folder')
+        return 1
+    if not files:
+        return 1
+
+    try:
+        rescaler = build_rescaler(args)
+    except (UsageError, OptionsError, CheckpointError) as err:
+        _report(err)
+        return 1
+    os.makedirs(args.output, exist_ok=True)
+
+    written = {}  # output path -> input that produced it
+    for path in tqdm(files, unit='image', disable=None, desc=args.command):
+        out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + '.png')
+        if os.path.exists(out_path) and os.path.samefile(out_path, path):
+            _report(f'{path}: the output {out_path} would overwrite the input (choose another -o)')
+            failed += 1
+            continue
+        if out_path in written:
+            _report(f'{path}: the output {out_path} was already written for {written[out_path]} (same name)')
+            failed += 1
+            continue
+        try:
+            if args.command == 'down':
+                downscale_file(rescaler, path, out_path)
+            else:
+                upscale_file(rescaler, path, out_path, size=args.size, bit_depth=args.bit_depth)
+            written[out_path] = path
+        except (ImageReadError, ImageWriteError, ValueError) as err:
+            _report(err)
+            failed += 1
+        except torch.OutOfMemoryError:
+            _report(f'{path}: out of memory (try a smaller --tile)')
+            failed += 1
+        except OSError as err:
+            _report(f'{path}: {err.strerror or err}')
+            failed += 1
+    if failed:
+        print(f'{len(written)} written to {args.output}, {failed} failed', file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Reading and writing the images of users: every way a file can be wrong is one clear error.
+
+``read_image`` returns an RGB float32 image in [0, 1] and an :class:`ImageInfo` that remembers
+what the file was (grey / RGB / RGBA, 8 or 16 bits, its PNG text chunks), so that
+``write_image`` can give the result back in the same form. Decoding uses OpenCV with
+``cv2.IMREAD_UNCHANGED`` (alpha and 16-bit samples are kept; EXIF orientation is not applied);
+the bit depth is taken from the decoded array's dtype, never guessed from pixel values.
+
+Before anything is decoded the header is read (PIL, lazily) and images with more than
+``max_pixels`` pixels are refused, so a small file that would expand into gigabytes
+(a decompression bomb) costs nothing.
+
+Writing is atomic: the encoded file goes to a temporary name in the target folder and is
+renamed over the target, so an interrupted or failed write never leaves a partial image.
+"""
+import os
+import struct
+import tempfile
+import warnings
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    'IMAGE_EXTENSIONS', 'DEFAULT_MAX_PIXELS', 'ImageReadError', 'ImageWriteError', 'ImageInfo', 'read_image',
+    'write_image', 'list_images'
+]
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+DEFAULT_MAX_PIXELS = 20000 * 20000
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+_MAX_VALUE = {np.dtype(np.uint8): 255., np.dtype(np.uint16): 65535.}
+
+
+class ImageReadError(ValueError):
+    """An input image cannot be used; the message starts with the file name."""
+
+
+class ImageWriteError(ValueError):
+    """An image cannot be written as asked; the message starts with the file name."""
+
+
+@dataclass
+class ImageInfo:
+    """What an image file held, so that a result can be written back in the same form.
+
+    Attributes:
+        path: the file read.
+        mode: 'gray' (one channel), 'rgb' or 'rgba' (grey + alpha files decode as 'rgba').
+        bit_depth: 8 or 16, from the decoded dtype (uint8 / uint16).
+        size: (H, W) of the image.
+        alpha: (H, W) float32 in [0, 1] for 'rgba', else None.
+        text: PNG text chunks (tEXt / iTXt / zTXt) as {key: value}; empty for other formats.
+    """
+    path: str
+    mode: str
+    bit_depth: int
+    size: tuple
+    alpha: np.ndarray = None
+    text: dict = field(default_factory=dict)
+
+
+@contextmanager
+def _pil_without_bomb_limit():
+    """PIL's own decompression-bomb limit (about 179 MP) would refuse images below our
+    ``max_pixels``; the size check here is ours, so PIL's is lifted while the header is read."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _read_header(path):
+    """(format, (H, W), text chunks) from the header alone, or (None, None, {}) if PIL cannot identify it."""
+    try:
+        with _pil_without_bomb_limit(), Image.open(path) as img:
+            text = {str(k): str(v) for k, v in img.info.items() if isinstance(v, str)} if img.format == 'PNG' else {}
+            return img.format, (img.height, img.width), text
+    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error):
+        # PIL does not know every format OpenCV decodes (and vice versa); the decoder decides
+        return None, None, {}
+
+
+def _check_pixels(path, size, max_pixels):
+    height, width = size
+    if height <= 0 or width <= 0:
+        raise ImageReadError(f'{path}: image has no pixels ({width}x{height})')
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageReadError(f'{path}: image is {width}x{height} = {height * width:,} pixels, more than the limit of '
+                             f'{max_pixels:,} (possible decompression bomb; raise max_pixels to read it)')
+
+
+def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
+    """Read an image file as RGB float32 in [0, 1].
+
+    Args:
+        path: image file (PNG, JPEG, BMP, TIFF, WebP, PPM/PGM, anything OpenCV decodes).
+        max_pixels: refuse images with more pixels (checked from the header before decoding
+            where the format allows, else after decoding); None for no limit.
+
+    Returns:
+        (img, info): img (H, W, 3) float32 in [0, 1], RGB (grey images repeated over three
+        channels, alpha removed); info an :class:`ImageInfo`.
+
+    Raises:
+        ImageReadError naming the file: missing, a folder, empty, not an image, truncated or
+        corrupt, an unsupported sample type or channel count, or too many pixels.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageReadError(f'{path}: no such file')
+    if not os.path.isfile(path):
+        raise ImageReadError(f'{path}: not a file')
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as err:
+        raise ImageReadError(f'{path}: cannot be read ({err.strerror or err})') from None
+    if not data:
+        raise ImageReadError(f'{path}: empty file')
+
+    file_format, size, text = _read_header(path)
+    if size is not None:
+        _check_pixels(path, size, max_pixels)
+    if data.startswith(_PNG_SIGNATURE) and b'IEND' not in data[-64:]:
+        raise ImageReadError(f'{path}: truncated PNG file (it does not end with an IEND chunk)')
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        if file_format is None:
+            raise ImageReadError(f'{path}: not an image, or a format that cannot be decoded')
+        raise ImageReadError(f'{path}: {file_format} data cannot be decoded (truncated or corrupt file)')
+    if img.size == 0:
+        raise ImageReadError(f'{path}: image has no pixels')
+    _check_pixels(path, img.shape[:2], max_pixels)
+    if img.dtype not in _MAX_VALUE:
+        raise ImageReadError(f'{path}: unsupported sample type {img.dtype} (8- and 16-bit integer images are read)')
+    bit_depth = 8 if img.dtype == np.uint8 else 16
+
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    alpha = None
+    if img.ndim == 2:
+        mode = 'gray'
+        rgb = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 3:
+        mode = 'rgb'
+        rgb = img[:, :, ::-1]
+    elif img.ndim == 3 and img.shape[2] == 4:
+        mode = 'rgba'
+        rgb = img[:, :, 2::-1]
+        alpha = img[:, :, 3].astype(np.float32) / _MAX_VALUE[img.dtype]
+    else:
+        raise ImageReadError(f'{path}: unsupported channel layout {img.shape} (expected grey, RGB or RGBA)')
+    rgb = np.ascontiguousarray(rgb).astype(np.float32) / _MAX_VALUE[img.dtype]
+    info = ImageInfo(path=path, mode=mode, bit_depth=bit_depth, size=tuple(img.shape[:2]), alpha=alpha, text=text)
+    return rgb, info
+
+
+def _to_hwc_numpy(img, path):
+    """(H, W, 3) numpy, (3, H, W) or (1, 3, H, W) tensor -> (H, W, 3) float32 numpy."""
+    if isinstance(img, torch.Tensor):
+        img = img.detach().float().cpu()
+        if img.dim() == 4 and img.shape[0] == 1:
+            img = img[0]
+        if img.dim() != 3 or img.shape[0] != 3:
+            raise ImageWriteError(f'{path}: expected a (3, H, W) or (1, 3, H, W) tensor, got {tuple(img.shape)}')
+        img = img.permute(1, 2, 0).numpy()
+    img = np.asarray(img, dtype=np.float32)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ImageWriteError(f'{path}: expected an (H, W, 3) RGB image, got shape {img.shape}')
+    return img
+
+
+def _png_text_chunk(key, value):
+    """A PNG iTXt chunk (UTF-8, uncompressed): length, type, data, CRC."""
+    if not 1 <= len(key) <= 79 or '\0' in key:
+        raise ValueError(f'PNG text key must have 1 to 79 characters and no NUL, got {key!r}')
+    data = key.encode('latin-1') + b'\0\0\0\0\0' + str(value).encode('utf-8')
+    return struct.pack('>I', len(data)) + b'iTXt' + data + struct.pack('>I', zlib.crc32(b'iTXt' + data))
+
+
+def _insert_png_text(png, text):
+    """Insert text chunks right after IHDR (before the image data, where readers look first)."""
+    ihdr_end = len(_PNG_SIGNATURE) + 8 + struct.unpack('>I', png[8:12])[0] + 4
+    return png[:ihdr_end] + b''.join(_png_text_chunk(k, v) for k, v in text.items()) + png[ihdr_end:]
+
+
+def _atomic_write_bytes(path, data):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None):
+    """Write an RGB image in [0, 1] (values outside are clamped) atomically.
+
+    Args:
+        path: target file; the extension picks the format (16 bits and alpha need PNG or TIFF).
+        rgb01: (H, W, 3) float array, or a (3, H, W) / (1, 3, H, W) tensor, RGB in [0, 1].
+        info: the :class:`ImageInfo` of the input this result stands for: a 'gray' input is
+            written as one channel (ITU-R BT.601 luma), an 'rgba' input with its alpha
+            (``info.alpha``, which must then have the image's size; pass ``alpha`` to give a
+            resized one).
+        bit_depth: 8 or 16.
+        alpha: (H, W) float array in [0, 1]; overrides ``info.alpha``.
+        text: {key: value} PNG text chunks (PNG only).
+
+    Raises:
+        ImageWriteError naming the file for shapes or options the format cannot store;
+        OSError if the file system refuses.
+    """
+    path = os.fspath(path)
+    img = _to_hwc_numpy(rgb01, path)
+    if bit_depth not in (8, 16):
+        raise ImageWriteError(f'{path}: bit_depth must be 8 or 16, got {bit_depth!r}')
+    ext = os.path.splitext(path)[1].lower()
+    if not ext:
+        raise ImageWriteError(f'{path}: no file extension to choose the format from')
+    if alpha is None and info is not None and info.mode == 'rgba':
+        alpha = info.alpha
+    if alpha is not None:
+        alpha = np.asarray(alpha, dtype=np.float32)
+        if alpha.shape != img.shape[:2]:
+            raise ImageWriteError(f'{path}: alpha is {alpha.shape[1]}x{alpha.shape[0]} but the image is '
+                                  f'{img.shape[1]}x{img.shape[0]}')
+    if bit_depth == 16 and ext not in ('.png', '.tif', '.tiff'):
+        raise ImageWriteError(f'{path}: {ext} cannot store 16 bits per sample (use .png or .tif)')
+    if alpha is not None and ext not in ('.png', '.tif', '.tiff', '.webp'):
+        raise ImageWriteError(f'{path}: {ext} cannot store an alpha channel (use .png)')
+    if text and ext != '.png':
+        raise ImageWriteError(f'{path}: text chunks can only be stored in .png files')
+
+    max_value = 65535. if bit_depth == 16 else 255.
+    dtype = np.uint16 if bit_depth == 16 else np.uint8
+    img = np.clip(img, 0., 1.)
+    if info is not None and info.mode == 'gray':
+        out = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    else:
+        out = img[:, :, ::-1]  # OpenCV writes BGR
+        if alpha is not None:
+            out = np.concatenate([out, np.clip(alpha, 0., 1.)[:, :, None]], axis=2)
+    out = np.round(out * max_value).astype(dtype)
+
+    try:
+        ok, encoded = cv2.imencode(ext, out)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise ImageWriteError(f'{path}: OpenCV cannot encode {ext} images')
+    data = encoded.tobytes()
+    if text:
+        data = _insert_png_text(data, text)
+    _atomic_write_bytes(path, data)
+
+
+def list_images(paths, recursive=False):
+    """Expand files and folders into a list of image files.
+
+    A file given by name is kept whatever its extension (reading it reports what is wrong); a
+    folder contributes its files with an image extension (``IMAGE_EXTENSIONS``), sorted by
+    name, hidden files skipped. ``paths`` may be one path or a list; the order of ``paths``
+    is kept.
+
+    Raises:
+        ImageReadError naming the path: it does not exist, or a folder holds no images.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith('.')) if recursive else []
+                found += [
+                    os.path.join(root, n) for n in names
+                    if not n.startswith('.') and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+                ]
+            if not found:
+                raise ImageReadError(f'{path}: folder contains no images ({", ".join(IMAGE_EXTENSIONS)})')
+            files += sorted(found)
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise ImageReadError(f'{path}: no such file or folder')
+    return files
