@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from vqir.inference import DEFAULT_TILE_OVERLAP, NetworkOptionsError, Rescaler
 from vqir.utils.checkpoint import CheckpointError
-from vqir.utils.image_io import ImageInfo, ImageReadError, ImageWriteError, list_images, read_image, write_image
+from vqir.utils.image_io import (DEFAULT_MAX_PIXELS, ImageInfo, ImageReadError, ImageWriteError, list_images, read_image,
+                                 write_image)
 from vqir.utils.options import KNOWN_PATH_KEYS, KNOWN_PATH_KEYS_PREFIXES, KNOWN_TOP_LEVEL_KEYS, OptionsError, \
     load_options_file
 
@@ -223,6 +224,9 @@ def upscale_file(rescaler, path, out_path, size=None, bit_depth=8):
                              '(give --size)') from None
     h, w = lr.shape[:2]
     out_w, out_h = size if size is not None else (w * s, h * s)
+    if out_h * out_w > DEFAULT_MAX_PIXELS:  # a small LR must not expand into an unbounded allocation
+        raise ValueError(f'{path}: the output would be {out_w}x{out_h} = {out_h * out_w:,} pixels, more than the '
+                         f'limit of {DEFAULT_MAX_PIXELS:,}')
     try:
         outputs = rescaler.upscale(_to_tensor(lr), out_size=(out_h, out_w))
     except ValueError as err:

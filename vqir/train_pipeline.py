@@ -4,7 +4,8 @@ It follows ``basicsr.train.train_pipeline`` step by step (same options, folders,
 messages), and differs where basicsr 1.4.2 breaks or loses work:
 - resume maps storage to the CPU (not ``cuda``), finds ``experiments/`` from the project root
   whatever the working directory, restores RNG states and continues mid-epoch with the very
-  batches an uninterrupted run would have drawn;
+  batches an uninterrupted run would have drawn; it removes the temporaries of checkpoint
+  writes that a crash interrupted and forgets the logged rows of iterations after its state;
 - a run stopped by non-finite losses exits with a clear message and keeps its last checkpoint;
 - a tqdm bar (``logger.pbar``) and a CSV of the logged losses for plotting curves.
 """
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from vqir.models.base_model import NonFiniteLossError
 from vqir.utils.checkpoint import CheckpointError, load_checkpoint
-from vqir.utils.options import copy_opt_file, dict2str, parse_options
+from vqir.utils.options import OptionsError, copy_opt_file, dict2str, parse_options
 from vqir.utils.run_logger import init_run_logger
 
 
@@ -93,13 +94,32 @@ def init_tb_logger_if_asked(opt):
     return None
 
 
-def create_train_val_dataloaders(opt, logger):
+def build_datasets(opt, opt_file):
+    """The dataset of every phase, built before the run creates its folders: a dataset option
+    that is wrong (unknown key, missing folder) is an OptionsError naming the file and the phase."""
+    datasets = {}
+    for phase, dataset_opt in opt['datasets'].items():
+        try:
+            datasets[phase] = build_dataset(dataset_opt)
+        except (ValueError, FileNotFoundError) as err:
+            raise OptionsError(f'{opt_file}: datasets:{phase}: {err}') from None
+    return datasets
+
+
+def check_weight_files(opt, opt_file):
+    """Every ``path:pretrain_network_*`` names an existing file (checked before anything is created)."""
+    for key, value in opt['path'].items():
+        if key.startswith('pretrain_network_') and isinstance(value, str) and not osp.isfile(value):
+            raise OptionsError(f'{opt_file}: option path:{key}: {value}: no such file')
+
+
+def create_train_val_dataloaders(opt, logger, datasets):
     train_loader = train_sampler = None
     val_loaders = []
     for phase, dataset_opt in opt['datasets'].items():
         if phase == 'train':
             ratio = dataset_opt.get('dataset_enlarge_ratio', 1)
-            train_set = build_dataset(dataset_opt)
+            train_set = datasets[phase]
             train_sampler = ResumableSampler(train_set, opt['world_size'], opt['rank'], ratio)
             train_loader = build_dataloader(train_set, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'],
                                             sampler=train_sampler, seed=opt['manual_seed'])
@@ -117,7 +137,7 @@ def create_train_val_dataloaders(opt, logger):
                         f'\n\tIterations per epoch: {iters_per_epoch}'
                         f'\n\tTotal epochs: {math.ceil(total_iters / iters_per_epoch)}; iters: {total_iters}.')
         else:
-            val_set = build_dataset(dataset_opt)
+            val_set = datasets[phase]
             val_loaders.append(build_dataloader(val_set, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'],
                                                 sampler=None, seed=opt['manual_seed']))
             logger.info(f'Number of val images in {dataset_opt["name"]}: {len(val_set)}')
@@ -134,6 +154,8 @@ class LossCSV:
         if not self.enabled:
             return
         values = {k: v for k, v in log_vars.items() if isinstance(v, (int, float)) and k != 'epoch'}
+        if set(values) <= {'iter'}:  # a skipped step logs no values: a gap, not the previous step's
+            return
         if self.columns is None:
             self.columns = list(values)
             if not osp.exists(self.path):
@@ -142,12 +164,44 @@ class LossCSV:
         with open(self.path, 'a', newline='', encoding='utf-8') as f:
             csv.writer(f).writerow([values.get(c, '') for c in self.columns])
 
+    def drop_rows_after(self, last_iter):
+        """On resume: forget the rows of iterations after the training state (a run that was
+        stopped logged them; the resumed run logs them again)."""
+        if not self.enabled or not osp.exists(self.path):
+            return
+        with open(self.path, newline='', encoding='utf-8') as f:
+            rows = list(csv.reader(f))
+        if not rows or 'iter' not in rows[0]:
+            return
+        col = rows[0].index('iter')
+        kept = [rows[0]] + [r for r in rows[1:] if len(r) > col and r[col].isdigit() and int(r[col]) <= last_iter]
+        if len(kept) < len(rows):
+            with open(self.path + '.tmp', 'w', newline='', encoding='utf-8') as f:
+                csv.writer(f).writerows(kept)
+            os.replace(self.path + '.tmp', self.path)
+
+
+def remove_interrupted_writes(opt, logger):
+    """Remove what checkpoint writes stopped by a crash left: hidden ``.<name>.<random>.tmp``
+    files beside the checkpoints (see ``vqir.utils.checkpoint``; they are never read)."""
+    removed = []
+    for key in ('models', 'training_states'):
+        folder = opt['path'][key]
+        names = os.listdir(folder) if osp.isdir(folder) else []
+        for name in sorted(n for n in names if n.startswith('.') and n.endswith('.tmp')):
+            os.remove(osp.join(folder, name))
+            removed.append(name)
+    if removed:
+        logger.info(f'Removed {len(removed)} temporary files of interrupted checkpoint writes: {", ".join(removed)}')
+
 
 def train_pipeline(root_path, argv=None):
     opt, args = parse_options(root_path, is_train=True, argv=argv)
     torch.backends.cudnn.benchmark = bool(opt.get('cudnn_benchmark', True))
 
     resume_state = load_resume_state(opt)
+    check_weight_files(opt, args.opt)
+    datasets = build_datasets(opt, args.opt)
     if resume_state is None and opt['rank'] == 0:
         mkdir_and_rename(opt['path']['experiments_root'])
         for key in ('models', 'training_states', 'visualization'):
@@ -162,17 +216,21 @@ def train_pipeline(root_path, argv=None):
     logger.info(dict2str(opt))
     tb_logger = init_tb_logger_if_asked(opt)
 
-    train_loader, train_sampler, val_loaders, iters_per_epoch, total_iters = create_train_val_dataloaders(opt, logger)
+    train_loader, train_sampler, val_loaders, iters_per_epoch, total_iters = create_train_val_dataloaders(opt, logger, datasets)
     model = build_model(opt)
     current_iter = 0
     if resume_state:
         model.resume_training(resume_state)
         current_iter = resume_state['iter']
         logger.info(f"Resuming training from {opt['path']['resume_state']} (iter {current_iter}).")
+        if opt['rank'] == 0:
+            remove_interrupted_writes(opt, logger)
     start_epoch, start_offset = divmod(current_iter, iters_per_epoch)
 
     msg_logger = MessageLogger(opt, current_iter, tb_logger)
     loss_csv = LossCSV(osp.join(opt['path']['experiments_root'], 'train_log.csv'), opt['rank'] == 0)
+    if resume_state:
+        loss_csv.drop_rows_after(current_iter)
     prefetch_mode = opt['datasets']['train'].get('prefetch_mode')
     if prefetch_mode == 'cuda' and torch.cuda.is_available():
         prefetcher = CUDAPrefetcher(train_loader, opt)
@@ -193,6 +251,10 @@ def train_pipeline(root_path, argv=None):
             offset = start_offset if epoch == start_epoch else 0
             train_sampler.set_epoch(epoch, offset * batch_size)
             prefetcher.reset()
+            if offset and resume_state and 'rng' in resume_state:
+                # the new loader iterator drew its seed from torch's global generator, which an
+                # uninterrupted run does not do mid-epoch: the saved state holds from here
+                torch.set_rng_state(resume_state['rng']['torch'])
             train_data = prefetcher.next()
             while train_data is not None and current_iter < total_iters:
                 data_timer.record()

@@ -368,11 +368,13 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f'VectorQuantizer: input has {c} channels, codebook dimension is {self.e_dim}')
         codebook = self.embedding.weight  # (n_e, C)
         z_flat = z.reshape(b, c, h * w)  # a view; no channels-last copy of z is needed
-        with torch.no_grad():
+        # float32 even under autocast: in half precision near codes become indistinguishable
+        with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+            codebook32, z32 = codebook.float(), z_flat.float()
             # ||z - e||^2 = ||z||^2 + ||e||^2 - 2 e.z; ||z||^2 is the same for every code of a
             # position, so the argmin only needs ||e||^2 - 2 e.z, one (B, n_e, hw) tensor
             dist = torch.baddbmm(
-                codebook.pow(2).sum(1)[None, :, None], codebook.expand(b, -1, -1), z_flat, alpha=-2)
+                codebook32.pow(2).sum(1)[None, :, None], codebook32.expand(b, -1, -1), z32, alpha=-2)
             indices = dist.argmin(dim=1)  # (B, hw)
             del dist
         z_q = self.embedding(indices).transpose(1, 2).reshape(b, c, h, w)

@@ -46,7 +46,11 @@ def decode_image(content, name):
     """
     if content is None or len(content) == 0:
         raise ValueError(f'image is empty: {name}')
-    img = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # OpenCV asserts on headers beyond CV_IO_MAX_IMAGE_PIXELS (decompression bombs)
+        raise ValueError(f'cannot decode image: its header claims more pixels than OpenCV allows '
+                         f'(possible decompression bomb): {name}') from None
     if img is None:
         raise ValueError(f'cannot decode image (corrupt or unsupported format): {name}')
     return img

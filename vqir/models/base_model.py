@@ -26,7 +26,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
 from vqir.utils.checkpoint import atomic_torch_save, load_weights, save_state_dict
-from vqir.utils.dist import barrier, master_only
+from vqir.utils.dist import barrier, is_distributed, master_only
 
 
 class NonFiniteLossError(RuntimeError):
@@ -202,6 +202,13 @@ class VQIRBaseModel(BaseModel):
         """False (and the step must be skipped) when any loss is NaN/inf; stops the run after
         ``train.max_bad_steps`` consecutive bad steps (default 10)."""
         bad = [name for name, value in loss_dict.items() if torch.is_tensor(value) and not torch.isfinite(value).all()]
+        if is_distributed():
+            # every process must skip the same steps: one that went on to backward would wait
+            # forever for the gradients of the others
+            flag = torch.tensor(float(bool(bad)), device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not bad:
+                bad = ['(on another process)']
         return self._record_step(bad, 'loss')
 
     def gradients_are_finite(self, params, name):
@@ -212,6 +219,7 @@ class VQIRBaseModel(BaseModel):
         if not bad:
             return True
         self._bad_steps += 1
+        self.log_dict = OrderedDict()  # nothing to log for a skipped step
         limit = self.opt['train'].get('max_bad_steps', 10)
         logger = get_root_logger()
         logger.warning(f'non-finite {what} {", ".join(bad)}: step skipped ({self._bad_steps} in a row, limit {limit})')

@@ -4,9 +4,13 @@ Differences from ``basicsr.utils.options.parse_options`` (which we otherwise fol
 - the distributed backend follows the hardware (gloo on CPU, NCCL on CUDA);
 - ``--force_yml a:b=value`` is parsed as YAML, never ``exec``-ed;
 - unknown top-level keys and values of the wrong type are errors that name the file and key,
-  instead of being ignored or failing deep inside a run.
+  instead of being ignored or failing deep inside a run;
+- the ``type`` of the model, datasets, networks, losses and optimisers must be registered and
+  their keyword arguments must fit the class, checked before a run creates any folder.
 """
 import argparse
+import difflib
+import inspect
 import os
 import random
 from collections import OrderedDict
@@ -106,6 +110,18 @@ def check_options(opt, opt_path, is_train):
         _expect(isinstance(train.get('total_iter'), int) and train['total_iter'] > 0, opt_path, 'train:total_iter',
                 'must be a positive integer')
         _expect('train' in datasets, opt_path, 'datasets:train', 'is required for training')
+        train_set = datasets['train']
+        for key, least in (('batch_size_per_gpu', 1), ('num_worker_per_gpu', 0), ('dataset_enlarge_ratio', 1)):
+            if key in train_set or key == 'batch_size_per_gpu':
+                value = train_set.get(key)
+                _expect(isinstance(value, int) and not isinstance(value, bool) and value >= least, opt_path,
+                        f'datasets:train:{key}', f'must be an integer >= {least}, got {value!r}')
+        bad_steps = train.get('max_bad_steps', 1)
+        _expect(isinstance(bad_steps, int) and not isinstance(bad_steps, bool) and bad_steps > 0, opt_path,
+                'train:max_bad_steps', f'must be a positive integer, got {bad_steps!r}')
+        clip = train.get('grad_clip_norm')
+        _expect(clip is None or (_is_number(clip) and clip > 0), opt_path, 'train:grad_clip_norm',
+                f'must be a positive number (or absent), got {clip!r}')
         for key, value in train.items():
             if key.startswith('optim_') and isinstance(value, dict):
                 lr = value.get('lr')
@@ -123,6 +139,68 @@ def check_options(opt, opt_path, is_train):
     if opt.get('val') is not None and 'val_freq' in opt['val']:
         _expect(_is_number(opt['val']['val_freq']) and opt['val']['val_freq'] > 0, opt_path, 'val:val_freq',
                 'must be a positive number')
+
+
+def _registered(registry, kind, name, opt_path, key):
+    """The class registered as ``name`` (basicsr's own classes also answer to ``<name>_basicsr``)."""
+    for candidate in (name, f'{name}_basicsr'):
+        if candidate in registry:
+            return registry.get(candidate)
+    close = difflib.get_close_matches(name, [n for n, _ in registry], n=1)
+    hint = f' (did you mean "{close[0]}"?)' if close else ''
+    raise OptionsError(f'{opt_path}: option {key}: no {kind} named "{name}"{hint}')
+
+
+def _check_arguments(cls, block, opt_path, key, *args):
+    """The options of ``block`` (less ``type``) must be keyword arguments that ``cls`` accepts."""
+    kwargs = {k: v for k, v in block.items() if k != 'type'}
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # no signature to check against
+        return
+    params = signature.parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            described = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, names, n=1)
+                described.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ''))
+            raise OptionsError(f'{opt_path}: option {key}: {cls.__name__} got an unexpected keyword argument '
+                               f'{", ".join(described)}')
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise OptionsError(f'{opt_path}: option {key}: {cls.__name__} {err}') from None
+
+
+def check_components(opt, opt_path):
+    """Types and keyword arguments of the model, datasets, networks, losses (``train:*_opt``) and
+    optimisers (``train:optim_*``), against the registries and the classes' signatures.
+
+    A typo (``type: VQGANN``, ``ch_mul:``, ``betaz:``) is thus one OptionsError naming the file and
+    the key, raised before the run creates anything, instead of a traceback from inside the model.
+    """
+    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY
+    _registered(MODEL_REGISTRY, 'model', opt['model_type'], opt_path, 'model_type')
+    for phase, dataset in opt['datasets'].items():
+        _registered(DATASET_REGISTRY, 'dataset', dataset['type'], opt_path, f'datasets:{phase}:type')
+    for key, block in opt.items():
+        if key.startswith('network_') and isinstance(block, dict):
+            network = _registered(ARCH_REGISTRY, 'network', block['type'], opt_path, f'{key}:type')
+            _check_arguments(network, block, opt_path, key)
+    for key, block in (opt.get('train') or {}).items():
+        if not (isinstance(block, dict) and isinstance(block.get('type'), str)):
+            continue
+        if key.startswith('optim_'):
+            optimizer = getattr(torch.optim, block['type'], None)
+            _expect(isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer), opt_path,
+                    f'train:{key}:type', f'"{block["type"]}" is not a torch.optim optimizer (e.g. Adam, AdamW, SGD)')
+            _check_arguments(optimizer, block, opt_path, f'train:{key}', [])
+        elif key.endswith('_opt'):
+            loss = _registered(LOSS_REGISTRY, 'loss', block['type'], opt_path, f'train:{key}:type')
+            _check_arguments(loss, block, opt_path, f'train:{key}')
 
 
 def apply_force_yml(opt, entries, opt_path='--force_yml'):
@@ -178,6 +256,7 @@ def parse_options(root_path, is_train=True, argv=None):
     if not is_train and args.tile_overlap is not None:
         opt.setdefault('inference', OrderedDict())['tile_overlap'] = args.tile_overlap
     check_options(opt, args.opt, is_train)
+    check_components(opt, args.opt)
     root_path = osp.abspath(osp.expanduser(opt['path'].get('root') or root_path))
     opt['root_path'] = root_path
     opt['opt_path'] = osp.abspath(args.opt)
