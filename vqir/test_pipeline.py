@@ -3,8 +3,6 @@
 Writes ``results/<name>/<test set>/<output>/<image>.png`` and ``results/<name>/metrics_<test set>.csv``
 (per image and mean), and prints a table of the means of all test sets at the end.
 """
-import os
-import sys
 from os import path as osp
 
 import torch
@@ -12,6 +10,7 @@ from basicsr.data import build_dataloader, build_dataset
 from basicsr.models import build_model
 from basicsr.utils import get_env_info, get_time_str, mkdir_and_rename
 
+from vqir.utils.entry_point import run_pipeline
 from vqir.utils.options import dict2str, parse_options
 from vqir.utils.run_logger import init_run_logger
 
@@ -62,15 +61,5 @@ def format_summary(summary):
     return '\n'.join(lines)
 
 
-def project_root():
-    return osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
-
-
 def main(argv=None):
-    try:
-        test_pipeline(project_root(), argv)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        if os.environ.get('VQIR_TRACEBACK'):
-            raise
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(1)
+    run_pipeline(test_pipeline, argv)

@@ -13,7 +13,6 @@ import csv
 import datetime
 import math
 import os
-import sys
 import time
 from os import path as osp
 
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from vqir.models.base_model import NonFiniteLossError
 from vqir.utils.checkpoint import CheckpointError, load_checkpoint
+from vqir.utils.entry_point import run_pipeline
 from vqir.utils.options import OptionsError, copy_opt_file, dict2str, parse_options
 from vqir.utils.run_logger import init_run_logger
 
@@ -305,15 +305,5 @@ def train_pipeline(root_path, argv=None):
     return model
 
 
-def project_root():
-    return osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
-
-
 def main(argv=None):
-    try:
-        train_pipeline(project_root(), argv)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        if os.environ.get('VQIR_TRACEBACK'):
-            raise
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(1)
+    run_pipeline(train_pipeline, argv)
