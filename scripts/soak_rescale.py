@@ -3,16 +3,17 @@
 
     python scripts/soak_rescale.py --count 2000 [--weights W.pth --opt options/train/stage2_msrm_tiny.yml]
 
-Generates ``count`` images (sides 16 to 96 pixels (RGBA: 17 to 96), many not multiples of 16;
-RGB, grey, RGBA and 16-bit RGB) and a few broken files (truncated, empty, text, a decompression bomb) in a
+Generates ``count`` images (sides 16 to 96 pixels, many not multiples of 16; RGB, grey, RGBA
+and 16-bit RGB) and a few broken files (truncated, empty, text, a decompression bomb) in a
 temporary folder, runs ``vqir.rescale.main(['down', ...])`` once over the folder in this
 process, and reports whether every good image was written (with the right LR size), every
 broken one reported, and the resident memory after each file. Without ``--weights`` the network
 is a randomly initialised one built from ``--opt`` (default: the tiny stage-2 options); the
 network's quality does not matter here, only that every file goes through it.
 
-The first ten images include the largest image of every kind, so that memory measured after
-the tenth file already holds every buffer size the run needs: growth after that is a leak.
+The first ten images include the largest image of every kind (and a 16-pixel strip of every
+kind), so that memory measured after the tenth file already holds every buffer size the run
+needs: growth after that is a leak.
 """
 import argparse
 import os
@@ -75,12 +76,10 @@ def make_soak_folder(folder, count=200, seed=0):
         kind = KINDS[index % len(KINDS)]
         if index < len(KINDS):
             height = width = MAX_SIDE
+        elif index < 2 * len(KINDS):  # a strip one scale unit high, of every kind
+            height, width = MIN_SIDE, int(rng.integers(MIN_SIDE, MAX_SIDE + 1))
         else:
-            # RGBA sides of 16 or less are left out: the alpha's MATLAB-bicubic downscaling
-            # (basicsr's imresize) fails on a side of exactly one scale unit; tests/test_bad_inputs.py
-            # holds that case
-            least = MIN_SIDE + 1 if kind == 'rgba' else MIN_SIDE
-            height, width = (int(v) for v in rng.integers(least, MAX_SIDE + 1, size=2))
+            height, width = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
         name = f'{index:04d}_{kind}_{width}x{height}.png'
         cv2.imwrite(osp.join(folder, name), _pixels(rng, height, width, kind))
         good[name] = (height, width, kind)

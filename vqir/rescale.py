@@ -35,6 +35,7 @@ import torch
 from basicsr.utils.matlab_functions import imresize
 from tqdm import tqdm
 
+from vqir.data.transforms import bicubic_downscale
 from vqir.inference import DEFAULT_TILE_OVERLAP, NetworkOptionsError, Rescaler
 from vqir.utils.checkpoint import CheckpointError
 from vqir.utils.image_io import (DEFAULT_MAX_PIXELS, ImageInfo, ImageReadError, ImageWriteError, list_images, read_image,
@@ -188,7 +189,7 @@ def _alpha_down(alpha, rescaler):
         alpha = alpha[:target_h, :target_w]
     else:
         alpha = np.pad(alpha, ((0, target_h - height), (0, target_w - width)), mode='reflect')
-    return np.clip(imresize(alpha, 1. / s), 0., 1.)
+    return np.clip(bicubic_downscale(alpha, s), 0., 1.)
 
 
 def _alpha_up(alpha, scale, out_h, out_w):
