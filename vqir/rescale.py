@@ -301,6 +301,9 @@ def main(argv=None):
         except OSError as err:
             _report(f'{path}: {err.strerror or err}')
             failed += 1
+        except RuntimeError as err:  # e.g. the CPU allocator out of memory: report it, go on with the rest
+            _report(f'{path}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}')
+            failed += 1
     if failed:
         print(f'{len(written)} written to {args.output}, {failed} failed', file=sys.stderr)
     return 1 if failed else 0

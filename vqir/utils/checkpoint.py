@@ -407,6 +407,9 @@ def _atomic_write(path, write):
         with open(tmp_path, 'rb+') as f:
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint gets the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
