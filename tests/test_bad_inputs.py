@@ -36,7 +36,6 @@ from vqir.utils.checkpoint import save_state_dict
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STAGE0_YML = osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml')
 STAGE2_YML = osp.join(ROOT, 'options', 'train', 'stage2_msrm_tiny.yml')
-DEMO = osp.join(ROOT, 'datasets', 'demo')
 NAME = 'stage0_vqgan_tiny'
 
 
@@ -46,16 +45,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-    if osp.isdir(osp.join(DEMO, 'train')) and osp.isdir(osp.join(DEMO, 'val')):
-        return DEMO
-    out = tmp_path_factory.mktemp('demo')
-    subprocess.run([sys.executable, osp.join(ROOT, 'scripts', 'export_demo_data.py'), '--out', str(out)], check=True,
-                   capture_output=True, timeout=300)
-    return str(out)
 
 
 def cli_env():

@@ -25,7 +25,6 @@ from vqir.utils.checkpoint import load_checkpoint, load_state_dict
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STAGE0_YML = osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml')
-DEMO = osp.join(ROOT, 'datasets', 'demo')
 NAME = 'stage0_vqgan_tiny'
 
 # One process of the run: the training pipeline as vqir/train.py runs it, with a NaN batch at the
@@ -60,16 +59,6 @@ for label, net in model.saved_networks.items():
     dump['buffers'].update({f'{label}.{k}': v.clone() for k, v in net.named_buffers()})
 torch.save(dump, os.path.join(out, f'rank{rank}.pt'))
 '''
-
-
-@pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-    if osp.isdir(osp.join(DEMO, 'train')) and osp.isdir(osp.join(DEMO, 'val')):
-        return DEMO
-    out = tmp_path_factory.mktemp('demo')
-    subprocess.run([sys.executable, osp.join(ROOT, 'scripts', 'export_demo_data.py'), '--out', str(out)], check=True,
-                   capture_output=True, timeout=300)
-    return str(out)
 
 
 def free_port():

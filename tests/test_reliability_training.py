@@ -22,7 +22,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 from os import path as osp
 from unittest import mock
 
@@ -42,7 +41,6 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STAGE0_YML = osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml')
 STAGE1_YML = osp.join(ROOT, 'options', 'train', 'stage1_ifrm_tiny.yml')
 STAGE2_YML = osp.join(ROOT, 'options', 'train', 'stage2_msrm_tiny.yml')
-DEMO = osp.join(ROOT, 'datasets', 'demo')
 STAGE0 = 'stage0_vqgan_tiny'
 # What an interrupted atomic write leaves: '.<target name>.<random>.tmp' beside the target.
 TEMP_FILE = re.compile(r'^\.(net_[a-z]+_(\d+|latest)\.pth|\d+\.state)\.[^.]+\.tmp$')
@@ -54,17 +52,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-    """The demo photos (datasets/demo), exported to a temporary folder when absent."""
-    if osp.isdir(osp.join(DEMO, 'train')) and osp.isdir(osp.join(DEMO, 'val')):
-        return DEMO
-    out = tmp_path_factory.mktemp('demo')
-    subprocess.run([sys.executable, osp.join(ROOT, 'scripts', 'export_demo_data.py'), '--out', str(out)], check=True,
-                   capture_output=True, timeout=300)
-    return str(out)
 
 
 def stage0_argv(demo, *force, extra=()):
