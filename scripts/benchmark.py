@@ -64,7 +64,8 @@ mechanisms and reported as such: ``--channels-last`` converts our network with
 ``Module.to(memory_format=torch.channels_last)`` (its inputs follow); ``--compile`` calls
 ``Module.compile()`` on our encoder, decoder, IFRM and MSRM. ``--dtype bf16/fp16`` uses the
 Rescaler's own ``bf16`` / ``half`` options (training and plain forwards run under
-``torch.autocast``). Neither flag touches the reference.
+``torch.autocast``). None of these flags touches the reference, which always runs as published
+(float32, NCHW), so that a comparison shows both the speed and the output difference they cause.
 
 Examples::
 
@@ -648,10 +649,11 @@ def training_batch(spec, device):
             for k, v in data.items()}
 
 
-def make_step(net, spec, device, losses, discriminator=None):
+def make_step(net, spec, device, losses, discriminator=None, dtype=None):
+    dtype = dtype or spec['dtype']
     if spec['stage'] == 1:
-        return Stage1Step(net, losses, device, spec['dtype'])
-    return Stage2Step(net, discriminator, losses, device, spec['dtype'])
+        return Stage1Step(net, losses, device, dtype)
+    return Stage2Step(net, discriminator, losses, device, dtype)
 
 
 # ================================================================================ the reference
@@ -814,8 +816,8 @@ def run_ref_forward_case(spec, device, peak):
         with torch.no_grad(), precision_context(device, spec['dtype']):
             return ours(x_ours, is_train=False)
 
-    def ref_forward():
-        with torch.no_grad(), precision_context(device, spec['dtype']):
+    def ref_forward():  # the reference as published: float32
+        with torch.no_grad():
             return ref(x, is_train=False)
 
     def ours_up():
@@ -870,7 +872,7 @@ def run_ref_train_case(spec, device, peak):
     disc_ref = copy.deepcopy(disc_ours) if stage == 2 else None
     losses = build_losses(spec, device)
     steps = OrderedDict((('ours', make_step(ours, spec, device, losses, disc_ours)),
-                         ('ref', make_step(ref, spec, device, losses, disc_ref))))
+                         ('ref', make_step(ref, spec, device, losses, disc_ref, dtype='fp32'))))
     batch = training_batch(spec, device)
     first_losses, flops = {}, {}
     for name, step in steps.items():
