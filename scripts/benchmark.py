@@ -59,6 +59,11 @@ name is provided in ``sys.modules`` as ``torch.nn.init.trunc_normal_``. It impor
 training noise with ``.cuda()``; off CUDA, that one method is replaced by the same computation
 on the input's device. The JSON lists which of these substitutions were made.
 
+CPU allocator: by default each child sets glibc malloc as vqir's command-line entry points do
+(``vqir.utils.allocator.keep_freed_memory``: no per-block mmap, no trimming); ``--malloc default``
+keeps glibc's defaults. In the ``ref_*`` cases both implementations run in one process, so the
+same setting applies to both; run those cases with either setting to see its share.
+
 Flags that the project does not support itself are applied by this script with torch's generic
 mechanisms and reported as such: ``--channels-last`` converts our network with
 ``Module.to(memory_format=torch.channels_last)`` (its inputs follow); ``--compile`` calls
@@ -111,6 +116,7 @@ from torch import nn  # noqa: E402
 import vqir  # noqa: E402,F401  (registers the architectures and losses)
 from vqir.archs.vqir_arch import VQIR  # noqa: E402
 from vqir.inference import DEFAULT_AUTO_TILE_PIXELS, DEFAULT_TILE_OVERLAP, Rescaler, official_network_options  # noqa: E402
+from vqir.utils.allocator import keep_freed_memory  # noqa: E402
 
 DEFAULT_SIZES = '256,512,1024,2040x1356'
 QUICK_SIZES = '256,512'
@@ -965,6 +971,7 @@ def child_main(spec, conn):
     torch.set_num_threads(spec['threads'])
     torch.manual_seed(spec['seed'])
     result = {'load_before': load_average()}
+    result['malloc_kept_freed_memory'] = spec['malloc'] == 'vqir' and keep_freed_memory()
     try:
         if device.type == 'cpu':
             result['address_space_limit'] = limit_address_space(spec['memory_limit'])
@@ -1001,7 +1008,7 @@ def build_cases(args, devices):
     common = dict(threads=args.threads, dtype=args.dtype, channels_last=args.channels_last, compile=args.compile,
                   tile=args.tile, tile_overlap=args.tile_overlap, smoke=args.smoke, seed=args.seed,
                   reference=args.reference, profile=args.profile, memory_limit=args.memory_limit_bytes,
-                  auto_tile_pixels=args.auto_tile_pixels)
+                  auto_tile_pixels=args.auto_tile_pixels, malloc=args.malloc)
     cases = []
     for device in devices:
         base = dict(common, device=device, repeats=args.repeats, warmup=args.warmup)
@@ -1230,7 +1237,7 @@ def environment(args, devices):
         torch=torch.__version__, python=platform.python_version(), threads=args.threads,
         cpu_model=cpu_model(), cpu_count=os.cpu_count(), cpu_flags=cpu_flags(), devices=devices, dtype=args.dtype,
         cpu_capability=getattr(torch.backends.cpu, 'get_cpu_capability', lambda: None)(),
-        mkldnn=torch.backends.mkldnn.is_available(), load_average_start=load_average(),
+        mkldnn=torch.backends.mkldnn.is_available(), malloc=args.malloc, load_average_start=load_average(),
         mem_available_gb=gb(mem_available_bytes()), commit=git_commit(), argv=sys.argv[1:])
     if 'cuda' in devices:
         info['gpu'] = torch.cuda.get_device_name(0)
@@ -1283,6 +1290,9 @@ def parse_args(argv=None):
                         help='autocast precision: bf16 (CPU or CUDA), fp16 (CUDA only)')
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory format for our network')
     parser.add_argument('--compile', action='store_true', help='Module.compile() our network parts')
+    parser.add_argument('--malloc', choices=('vqir', 'default'), default='vqir',
+                        help="CPU allocator setting of every case: 'vqir' as vqir's entry points set it "
+                        "(vqir.utils.allocator.keep_freed_memory), 'default' glibc's own (default vqir)")
     parser.add_argument('--threads', type=int, default=None,
                         help=f'torch CPU threads in every case (default {torch.get_num_threads()})')
     parser.add_argument('--tile', type=int, default=None, help='Rescaler tile (default: automatic)')

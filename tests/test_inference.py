@@ -48,11 +48,13 @@ def test_any_size_round_trips_to_its_own_size(net16):
     lr, outputs = rescaler.roundtrip(hr)
     assert lr.shape == (1, 3, 7, 5)  # ceil(100/16), ceil(76/16)
     assert lr.dtype == torch.float32 and on_8bit_grid(lr) and lr.min() >= 0 and lr.max() <= 1
-    assert list(outputs) == ['Level_1', 'Level_2', 'Level_4', 'SR']
+    assert list(outputs) == ['Level_1', 'Level_2', 'Level_4']  # the decoder's own image only on request
     assert outputs['Level_1'].shape == (1, 3, 100, 76)
     assert outputs['Level_2'].shape == (1, 3, 50, 38)
     assert outputs['Level_4'].shape == (1, 3, 25, 19)
-    assert outputs['SR'].shape == (1, 3, 100, 76)
+    with_sr = Rescaler(net16, tile=0, decoder_image=True).upscale(lr, out_size=(100, 76))
+    assert list(with_sr) == ['Level_1', 'Level_2', 'Level_4', 'SR'] and with_sr['SR'].shape == (1, 3, 100, 76)
+    assert torch.equal(with_sr['Level_1'], outputs['Level_1'])
 
     # the network saw the image reflect-padded at the bottom/right to 112 x 80
     padded = F.pad(hr * 2 - 1, (0, 4, 0, 12), mode='reflect')
@@ -200,12 +202,12 @@ class _LocalDecoder(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
         self.out = nn.Conv2d(8, 3, 3, padding=1)
 
-    def forward(self, z, return_feat=False):
+    def forward(self, z, return_feat=False, image=True):
         feats, h = {}, z
         for conv, (factor, level) in zip(self.convs, ((4, 4), (2, 2), (2, 1))):
             h = torch.relu(conv(F.interpolate(h, scale_factor=factor, mode='nearest')))
             feats[f'Level_{level}'] = h
-        return self.out(h), feats
+        return (self.out(h) if image else None), feats
 
 
 class _LocalRefine(nn.Module):

@@ -20,6 +20,8 @@ from skimage import data as skdata
 from torch.utils.data import DataLoader, Dataset
 
 from vqir.metrics.codebook_metric import codebook_usage
+from vqir.archs.vqgan_arch import VectorQuantizer
+from vqir.models.codebook_restart import DeadCodeRestart
 from vqir.models.vqgan_model import VQGANModel, pad_to_multiple
 from vqir.utils.options import parse_options
 
@@ -105,6 +107,47 @@ def test_tiny_vqgan_overfits_one_image(tmp_path):
     assert psnr_after >= psnr_before + 10, (psnr_before, psnr_after)
     assert list(model.log_dict) == ['l_rec', 'l_codebook', 'l_g_gan', 'd_weight', 'l_d', 'perplexity']
     assert 1 <= model.log_dict['perplexity'] <= 64
+
+
+def test_dead_codes_restart_at_encoder_outputs():
+    quantizer = VectorQuantizer(8, 4)
+    before = quantizer.embedding.weight.detach().clone()
+    restart = DeadCodeRestart(quantizer, interval=3)
+    z = torch.randn(2, 4, 3, 5)
+    vectors = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    used = torch.tensor([1, 6])
+    indices = used[torch.arange(30) % 2]  # only codes 1 and 6 are ever chosen
+    assert restart.update(z, indices) == 0 and restart.update(z, indices) == 0
+    assert torch.equal(quantizer.embedding.weight, before)  # nothing happens between checks
+    assert restart.update(z, indices) == 6
+    weight = quantizer.embedding.weight.detach()
+    assert torch.equal(weight[used], before[used])
+    for code in (0, 2, 3, 4, 5, 7):  # each dead code now sits on one of the batch's encoder outputs
+        assert (vectors - weight[code]).abs().sum(1).min().item() == 0
+    # the counts start again: a code used in the next interval is kept
+    assert restart.update(z, torch.arange(30) % 8) == 0
+    with pytest.raises(ValueError, match='positive integer'):
+        DeadCodeRestart(quantizer, interval=0)
+
+
+def test_codebook_restarts_keep_more_codes_in_use(tmp_path):
+    """Trained from scratch, the tiny VQGAN leaves most codes unused; restarts bring them into use."""
+    gt = torch.cat([photo((32, 32), name) for name in ('astronaut', 'coffee', 'chelsea', 'rocket')])
+    used = {}
+    for every in (None, 5):
+        torch.manual_seed(0)
+        opt = make_opt(tmp_path)
+        opt['train']['codebook_restart_every'] = every
+        model = build_model(opt)
+        for it in range(1, 31):
+            model.feed_data({'gt': gt})
+            model.optimize_parameters(it)
+        with torch.no_grad():
+            _, _, (_, _, indices) = model.net_g.encode(model.to_network(gt))
+        used[every] = round(codebook_usage(indices, 64)['used_fraction'] * 64)
+    assert 'codes_restarted' in model.log_dict
+    # measured: 20 of 64 codes in use without restarts, 59 with
+    assert used[5] >= 2 * used[None] and used[5] >= 48, used
 
 
 def _params(net):

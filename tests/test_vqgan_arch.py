@@ -160,6 +160,39 @@ def test_blocks_names_and_shapes():
     assert torch.allclose(Downsample(32, with_conv=False)(y), F.avg_pool2d(y, 2))
 
 
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_subpixel_upsample_conv_equals_interpolate_then_conv(memory_format):
+    """The phase-wise 2x2 convs give the 3x3 conv of the nearest-upsampled map, values and gradients."""
+    torch.manual_seed(0)
+    up = Upsample(32)
+    torch.nn.init.normal_(up.conv.bias, std=0.5)
+    x = torch.randn(2, 32, 7, 5).contiguous(memory_format=memory_format).requires_grad_()
+    fast = up(x)
+    textbook = F.conv2d(F.interpolate(x, scale_factor=2.0, mode='nearest'), up.conv.weight, up.conv.bias, padding=1)
+    assert fast.shape == (2, 32, 14, 10)
+    assert (fast - textbook).abs().max().item() < 1e-5
+    assert (up._forward_upsampled(x) - textbook).abs().max().item() == 0
+    probe = torch.randn_like(textbook)
+    grads_fast = torch.autograd.grad((fast * probe).sum(), [x, up.conv.weight, up.conv.bias])
+    grads_textbook = torch.autograd.grad((textbook * probe).sum(), [x, up.conv.weight, up.conv.bias])
+    for fast_grad, textbook_grad in zip(grads_fast, grads_textbook):
+        assert (fast_grad - textbook_grad).abs().max().item() < 1e-4 * textbook_grad.abs().max().item()
+    with torch.inference_mode():
+        assert (up(x.detach()) - textbook).abs().max().item() < 1e-5
+
+
+def test_resnet_block_in_place_inference_equals_autograd_path():
+    torch.manual_seed(0)
+    for block in (ResnetBlock(64), ResnetBlock(64, 128)):
+        x = torch.randn(2, block.in_channels, 6, 5)
+        with_grad = block(x)
+        with torch.no_grad():
+            x_before = x.clone()
+            in_place = block(x)
+        assert torch.equal(x, x_before)  # the input is never overwritten
+        assert (in_place - with_grad).abs().max().item() < 1e-6
+
+
 def test_sdpa_attention_equals_explicit_path():
     torch.manual_seed(0)
     block = AttnBlock(64)
@@ -230,7 +263,9 @@ def test_decoder_level_features_f16():
     # Level_1 is the last feature map before the output head
     with torch.no_grad():
         head = decoder.conv_out(F.silu(decoder.norm_out(feats['Level_1'])))
+        no_image, same_feats = decoder(z, return_feat=True, image=False)
     assert torch.equal(head, image)
+    assert no_image is None and all(torch.equal(same_feats[k], feats[k]) for k in feats)
 
 
 def test_encoder_double_z():

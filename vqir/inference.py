@@ -262,6 +262,8 @@ class Rescaler:
         half: fp16 autocast (CUDA only).
         bf16: bfloat16 autocast (CPU or CUDA); not together with ``half``.
         auto_tile_pixels: the automatic tiling threshold, in pixels of the padded image.
+        decoder_image: stage 2 only: also return ``SR``, the VQGAN decoder's own image (it costs
+            the decoder's output head and one more full-size output); stage 1 always returns it.
 
     The ``inference:`` block of an options file (``tile``, ``tile_overlap``, ``size_mode``, ...)
     maps onto these keyword arguments.
@@ -281,7 +283,8 @@ class Rescaler:
                  network_color='rgb',
                  half=False,
                  bf16=False,
-                 auto_tile_pixels=DEFAULT_AUTO_TILE_PIXELS):
+                 auto_tile_pixels=DEFAULT_AUTO_TILE_PIXELS,
+                 decoder_image=False):
         if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             net = net.module
         missing = [part for part in _NETWORK_PARTS if not hasattr(net, part)]
@@ -319,6 +322,7 @@ class Rescaler:
         self.size_mode = size_mode
         self.network_color = network_color
         self.auto_tile_pixels = auto_tile_pixels
+        self.decoder_image = self.stage == 1 or bool(decoder_image)
 
         if device is None:
             param = next(net.parameters(), None)
@@ -480,18 +484,19 @@ class Rescaler:
 
     def _decode(self, quant_feat):
         """Codebook features ``(B, embed_dim, H/16, W/16)`` -> network-space images
-        {'SR': (B, 3, H, W)} (stage 1) or {'Level_k': (B, 3, H/k, W/k), ..., 'SR'} (stage 2),
+        {'SR': (B, 3, H, W)} (stage 1) or {'Level_k': (B, 3, H/k, W/k), ...} (+ 'SR' with ``decoder_image``; stage 2),
         tiled and blended if needed."""
         net = self.net
         height, width = quant_feat.shape[-2] * VQGAN_FACTOR, quant_feat.shape[-1] * VQGAN_FACTOR
 
         def run(feat):
             with self._autocast():
-                sr, dec_feat = net.decoder(net.post_quant_conv(feat), return_feat=True)
+                sr, dec_feat = net.decoder(net.post_quant_conv(feat), return_feat=True, image=self.decoder_image)
                 outs = OrderedDict()
                 if self.stage == 2:
                     outs.update(sorted(net.refine(dec_feat).items(), key=lambda kv: int(kv[0].split('_')[1])))
-                outs['SR'] = sr
+                if sr is not None:
+                    outs['SR'] = sr
             return outs
 
         tiles = self._tiles(height, width)
@@ -526,7 +531,8 @@ class Rescaler:
         """LR ``(B, 3, h, w)`` in [0, 1] -> OrderedDict of reconstructions in [0, 1] (unclamped).
 
         Stage 1: {'SR': (B, 3, s*h, s*w)}. Stage 2: {'Level_1': (B, 3, s*h, s*w) (the final image),
-        'Level_2': (.., s*h/2, ..), 'Level_4': (.., s*h/4, ..), 'SR': (VQGAN decoder output)}.
+        'Level_2': (.., s*h/2, ..), 'Level_4': (.., s*h/4, ..)}, plus 'SR' (the VQGAN decoder's output)
+        with ``decoder_image``.
 
         Args:
             out_size: (H, W) of the original when its sides were not multiples of s: outputs are

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from vqir.data.transforms import bicubic_downscale
 from vqir.inference import DEFAULT_TILE_OVERLAP, NetworkOptionsError, Rescaler
+from vqir.utils.allocator import keep_freed_memory
 from vqir.utils.checkpoint import CheckpointError
 from vqir.utils.image_io import (DEFAULT_MAX_PIXELS, ImageInfo, ImageReadError, ImageWriteError, list_images, read_image,
                                  write_image)
@@ -48,7 +49,7 @@ TEXT_SIZE = 'vqir:original_size'
 TEXT_SCALE = 'vqir:ir_scale'
 TEXT_MODE = 'vqir:mode'
 NETWORK_BLOCKS = ('network_g', 'network_ir')
-INFERENCE_KEYS = ('tile', 'tile_overlap', 'size_mode', 'half', 'bf16', 'auto_tile_pixels')
+INFERENCE_KEYS = ('tile', 'tile_overlap', 'size_mode', 'half', 'bf16', 'auto_tile_pixels', 'decoder_image')
 
 
 class UsageError(ValueError):
@@ -250,6 +251,7 @@ def _report(message):
 def main(argv=None):
     """Command-line entry point; returns the exit status (0: all written, 1: something failed)."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     if args.verbose:
         from basicsr.utils import get_root_logger
         get_root_logger(log_level='INFO').setLevel('INFO')

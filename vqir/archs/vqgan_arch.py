@@ -32,8 +32,31 @@ def swish(x):
     return F.silu(x)
 
 
+def _subpixel_weight(weight):
+    """3x3 kernel ``(Co, Ci, 3, 3)`` -> the four 2x2 kernels ``(4 Co, Ci, 2, 2)`` that give the 3x3 conv
+    of a nearest-upsampled map phase by phase (output rows/columns 2i + p, phases p = (py, px) in
+    row-major order).
+
+    Along one axis, output 2i + 0 reads input rows i - 1, i, i (kernel rows 0, 1, 2): taps
+    [w0, w1 + w2] on input rows (i - 1, i); output 2i + 1 reads i, i, i + 1: [w0 + w1, w2] on (i, i + 1).
+    """
+    rows = (torch.stack([weight[:, :, 0], weight[:, :, 1] + weight[:, :, 2]], dim=2),
+            torch.stack([weight[:, :, 0] + weight[:, :, 1], weight[:, :, 2]], dim=2))
+    phases = []
+    for row in rows:  # (Co, Ci, 2, 3)
+        phases.append(torch.stack([row[..., 0], row[..., 1] + row[..., 2]], dim=-1))
+        phases.append(torch.stack([row[..., 0] + row[..., 1], row[..., 2]], dim=-1))
+    return torch.cat(phases, dim=0)
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 conv. (B, C, H, W) -> (B, C, 2H, 2W)."""
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 conv. (B, C, H, W) -> (B, C, 2H, 2W).
+
+    With the conv, the result is computed without building the upsampled map: each of the four
+    output phases is a 2x2 conv of the (zero-padded) input (see ``_subpixel_weight``), 16 instead
+    of 36 multiply-adds per input pixel and channel pair. ``_forward_upsampled`` is the textbook
+    order (interpolate, then conv); the two agree to float rounding.
+    """
 
     def __init__(self, in_channels, with_conv=True):
         super().__init__()
@@ -42,10 +65,23 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x):
+        if not self.with_conv:
+            return F.interpolate(x, scale_factor=2.0, mode='nearest')
+        b, _, h, w = x.shape
+        c = self.conv.out_channels
+        weight = _subpixel_weight(self.conv.weight).to(x.dtype)
+        bias = self.conv.bias.repeat(4).to(x.dtype)
+        # phase (py, px) of output pixel (2i + py, 2j + px) is entry (i + py, j + px) of its own channel block
+        out = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias).unflatten(1, (2, 2, c))
+        y = out.new_empty((b, c, h, 2, w, 2))  # viewed as (B, C, 2H, 2W)
+        for py in range(2):
+            for px in range(2):
+                y[:, :, :, py, :, px] = out[:, py, px, :, py:py + h, px:px + w]
+        return y.view(b, c, 2 * h, 2 * w)
+
+    def _forward_upsampled(self, x):
         x = F.interpolate(x, scale_factor=2.0, mode='nearest')
-        if self.with_conv:
-            x = self.conv(x)
-        return x
+        return self.conv(x) if self.with_conv else x
 
 
 class Downsample(nn.Module):
@@ -94,13 +130,16 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x, temb=None):
         """x: (B, in_channels, H, W); temb: optional (B, temb_channels)."""
-        h = self.conv1(swish(self.norm1(x)))
+        # without autograd the activations and the sum can overwrite their fresh inputs: at full
+        # resolution each avoided temporary is a C x H x W map
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         if temb is not None:
             h = h + self.temb_proj(swish(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x) if inplace else x + h
 
 
 class AttnBlock(nn.Module):
@@ -285,9 +324,11 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
-    def forward(self, z, return_feat=False):
+    def forward(self, z, return_feat=False, image=True):
         """Returns the image (or the pre-output features with give_pre_end), plus the level features
-        when return_feat is True."""
+        when return_feat is True. ``image=False`` skips the output head (GroupNorm, swish, conv at
+        full resolution) and returns None in place of the image, for callers that only use the
+        level features."""
         feats = {}
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -303,7 +344,9 @@ class Decoder(nn.Module):
             if i_level != 0:
                 h = up.upsample(h)
 
-        if not self.give_pre_end:
+        if not image:
+            h = None
+        elif not self.give_pre_end:
             h = self.conv_out(swish(self.norm_out(h)))
         return (h, feats) if return_feat else h
 

@@ -174,10 +174,11 @@ class VQIR(nn.Module):
             return self.icrm(lr, rev=True)
 
     @torch.no_grad()
-    def _decode(self, re_quant_feat):
-        """Re-quantise and decode: -> (SR ``(B, 3, H, W)``, decoder features ``{'Level_1', 'Level_2', ...}``)."""
+    def _decode(self, re_quant_feat, image=True):
+        """Re-quantise and decode: -> (SR ``(B, 3, H, W)``, or None without ``image``; decoder
+        features ``{'Level_1', 'Level_2', ...}``)."""
         quant_feat, _, _ = self.quantize(re_quant_feat)
-        return self.decoder(self.post_quant_conv(quant_feat), return_feat=True)
+        return self.decoder(self.post_quant_conv(quant_feat), return_feat=True, image=image)
 
     def downscale(self, x_hr, noise=False):
         """HR ``(B, 3, H, W)`` in [-1, 1] -> LR ``(B, 3, H/s, W/s)`` on the 8-bit grid of [-1, 1].
@@ -224,7 +225,7 @@ class VQIR(nn.Module):
             return res
 
         lr = self._features_to_lr(quant_feat, noise=False)
-        _, dec_feat = self._decode(self._lr_to_features(lr))
+        _, dec_feat = self._decode(self._lr_to_features(lr), image=False)  # the MSRM makes the images
         res = {'LR': lr}
         res.update(self.refine(dec_feat))
         return res

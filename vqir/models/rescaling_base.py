@@ -43,7 +43,7 @@ __all__ = ['RescalingModel', 'VQGAN_PARTS', 'freeze_in_eval', 'PartsView']
 VQGAN_PARTS = ('encoder', 'decoder', 'quantize', 'quant_conv', 'post_quant_conv')
 # Dataset keys that the stages use as targets.
 TARGET_KEYS = ('gt', 'lq', 'gt_level2', 'gt_level4')
-INFERENCE_KEYS = ('tile', 'tile_overlap', 'size_mode', 'half', 'bf16', 'auto_tile_pixels')
+INFERENCE_KEYS = ('tile', 'tile_overlap', 'size_mode', 'half', 'bf16', 'auto_tile_pixels', 'decoder_image')
 
 
 def _train_keeping_eval(module, mode=True):

@@ -29,6 +29,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from vqir.metrics.codebook_metric import CodebookUsageAccumulator
 from vqir.models.base_model import VQIRBaseModel
+from vqir.models.codebook_restart import DeadCodeRestart
 from vqir.utils.checkpoint import load_weights
 
 __all__ = ['VQGANModel', 'pad_to_multiple']
@@ -65,10 +66,13 @@ class VQGANModel(VQIRBaseModel):
             ``loss.discriminator.*`` entries are taken).
         train.vqgan_loss_opt: ``type: VQGANLoss`` with ``disc_start``, weights, ``gan_type``.
         train.optim_g, train.optim_d: the two optimisers (taming: Adam, betas (0.5, 0.9)).
+        train.codebook_restart_every: N > 0 re-initialises, every N iterations, the codes that no
+            position chose in those N iterations with encoder outputs of the batch (see
+            :mod:`vqir.models.codebook_restart`); off when absent (taming has no restarts).
 
     Logged: l_rec (L1), l_p (LPIPS, when perceptual_weight > 0), l_codebook, l_g_gan, d_weight,
-    l_d (0 while the discriminator is off, so that every logged row has the same columns) and
-    the perplexity of the codes of the batch.
+    l_d (0 while the discriminator is off, so that every logged row has the same columns),
+    the perplexity of the codes of the batch and, with restarts, codes_restarted.
     """
 
     default_saved_outputs = ('rec', )
@@ -84,6 +88,7 @@ class VQGANModel(VQIRBaseModel):
         # forward() returns (rec, codebook loss) only; the quantiser's statistics of the same
         # pass are picked up here, so training can call the (possibly DDP-wrapped) forward.
         self._last_quantizer_info = None
+        self._last_quantizer_input = None
         vqgan.quantize.register_forward_hook(self._remember_quantizer_info)
         self.codebook_usage = None  # a CodebookUsageAccumulator while a validation runs
         self.last_codebook_usage = None
@@ -91,6 +96,7 @@ class VQGANModel(VQIRBaseModel):
             self.init_training_settings()
 
     def _remember_quantizer_info(self, module, inputs, outputs):
+        self._last_quantizer_input = inputs[0]
         self._last_quantizer_info = outputs[2]  # (perplexity, None, indices)
 
     def _required_option(self, *keys):
@@ -120,6 +126,11 @@ class VQGANModel(VQIRBaseModel):
         self.optimizer_g = self.build_optimizer('optim_g', self.params_g)
         self.optimizer_d = self.build_optimizer('optim_d', self.params_d)
         self.setup_schedulers()
+
+        restart_every = self.opt['train'].get('codebook_restart_every')
+        self.code_restart = None
+        if restart_every:
+            self.code_restart = DeadCodeRestart(self.get_bare_model(self.net_g).quantize, restart_every)
 
     def load_discriminator(self):
         """``path.pretrain_network_d``: our ``net_d_*.pth`` or the discriminator inside a taming ``.ckpt``."""
@@ -174,6 +185,9 @@ class VQGANModel(VQIRBaseModel):
                 return
             if not self.backward_and_step(l_d, self.optimizer_d, self.params_d, 'net_d'):
                 return
+        if self.code_restart is not None:
+            restarted = self.code_restart.update(self._last_quantizer_input, self._last_quantizer_info[2])
+            loss_dict['codes_restarted'] = torch.tensor(float(restarted), device=self.device)
         self.step_succeeded()
         self.log_dict = self.reduce_loss_dict(loss_dict)
 
