@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'benchmark.py')
@@ -164,3 +165,26 @@ def test_minimal_rearrange_matches_permute_and_reshape(bench):
     tokens = torch.randn(2, 15, 8)
     assert torch.equal(bench.minimal_rearrange(tokens, 'b (h w) c -> b c h w', h=3),
                        tokens.transpose(1, 2).reshape(2, 8, 3, 5))
+
+
+def test_reference_tiled_test_loop(bench):
+    """The stand-in for the reference's tiled test: its tiles, and for a local network the whole-image result."""
+    assert bench.reference_test_tiles(1024, 1024, 16) == [((0, 1024, 0, 1024), (0, 1024, 0, 1024))]
+    tiles = bench.reference_test_tiles(1344, 2032, 16)  # 2040x1356 cropped to multiples of 16
+    assert tiles == [((0, 1344, 0, 1008), (0, 1344, 0, 1136)), ((0, 1344, 1008, 2032), (0, 1344, 880, 2032))]
+
+    class Local(torch.nn.Module):
+        """Outputs that depend on a 3x3 neighbourhood only, at the scales the reference returns."""
+
+        def forward(self, x, is_train=False):
+            y = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+            return {'LR': F.avg_pool2d(y, 16), 'Level_4': F.avg_pool2d(y, 4), 'Level_1': y}
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 1344, 2032)
+    whole = Local()(x)
+    tiled = bench.reference_tiled_forward(Local(), x, tiles, 16)
+    assert list(tiled) == list(whole)
+    for name in whole:
+        assert tiled[name].shape == whole[name].shape
+        assert (tiled[name] - whole[name]).abs().max().item() < 1e-6, name
