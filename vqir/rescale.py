@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 from vqir.data.transforms import bicubic_downscale
 from vqir.inference import DEFAULT_TILE_OVERLAP, NetworkOptionsError, Rescaler
-from vqir.utils.allocator import keep_freed_memory
 from vqir.utils.checkpoint import CheckpointError
 from vqir.utils.image_io import (DEFAULT_MAX_PIXELS, ImageInfo, ImageReadError, ImageWriteError, list_images, read_image,
                                  write_image)
@@ -251,7 +250,6 @@ def _report(message):
 def main(argv=None):
     """Command-line entry point; returns the exit status (0: all written, 1: something failed)."""
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
     if args.verbose:
         from basicsr.utils import get_root_logger
         get_root_logger(log_level='INFO').setLevel('INFO')

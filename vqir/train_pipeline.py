@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from vqir.models.base_model import NonFiniteLossError
 from vqir.utils.checkpoint import CheckpointError, load_checkpoint
+from vqir.utils.allocator import keep_freed_memory
 from vqir.utils.entry_point import run_pipeline
 from vqir.utils.options import OptionsError, copy_opt_file, dict2str, parse_options
 from vqir.utils.run_logger import init_run_logger
@@ -306,4 +307,5 @@ def train_pipeline(root_path, argv=None):
 
 
 def main(argv=None):
+    keep_freed_memory()  # every iteration allocates the same blocks again: keep them (vqir.utils.allocator)
     run_pipeline(train_pipeline, argv)

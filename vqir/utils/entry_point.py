@@ -3,8 +3,6 @@ import os
 import sys
 from os import path as osp
 
-from vqir.utils.allocator import keep_freed_memory
-
 
 def project_root():
     """The checkout (parent of the package): where experiments/, results/ and tb_logger/ go by default."""
@@ -14,7 +12,6 @@ def project_root():
 def run_pipeline(pipeline, argv=None):
     """Run ``pipeline(root, argv)``; a bad option, file or checkpoint ends the process with one
     ``error:`` line and exit status 1 (set VQIR_TRACEBACK=1 to see the traceback)."""
-    keep_freed_memory()
     try:
         return pipeline(project_root(), argv)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
