@@ -1398,14 +1398,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
 
     if args.smoke:
-        # tiny network; small automatic tiles so that the tiled paths run too
+        # tiny network; small tiles so that the tiled paths run too
         args.sizes = args.sizes or SMOKE_SIZES
         args.scales = args.scales or '16'
         args.train_batches = args.train_batches or '1'
         args.train_crop = args.train_crop or 64
         args.repeats = args.repeats or 1
         args.tile_overlap = 16 if args.tile_overlap is None else args.tile_overlap
-        args.auto_tile_pixels = args.auto_tile_pixels or 64 * 64
+        args.tile = 32 if args.tile is None else args.tile
         args.memory_size = args.memory_size or '96x64'
     if args.quick:
         args.sizes = args.sizes or QUICK_SIZES

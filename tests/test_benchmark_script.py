@@ -82,7 +82,7 @@ def test_smoke_run_measures_every_case(smoke_run):
 
     for op in ('down', 'up', 'roundtrip'):
         r = cases[f'cpu/x16/{op}/96x64']
-        # --smoke sets small automatic tiles: 96x64 runs as 3 x 2 tiles through the Rescaler
+        # --smoke sets 32 px tiles: 96x64 runs as 3 x 2 tiles through the Rescaler
         assert r['processed'] == '96x64' and r['tiles'] == 6
         assert len(r['wall_s']) == 1 and r['median_s'] > 0 and r['median_cpu_s'] > 0
         # the child's resident set includes torch itself: hundreds of MB, never zero
