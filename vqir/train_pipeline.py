@@ -26,8 +26,8 @@ from basicsr.utils import (AvgTimer, MessageLogger, get_env_info, get_time_str, 
 from tqdm import tqdm
 
 from vqir.models.base_model import NonFiniteLossError
-from vqir.utils.checkpoint import CheckpointError, load_checkpoint
 from vqir.utils.allocator import keep_freed_memory
+from vqir.utils.checkpoint import CheckpointError, load_checkpoint
 from vqir.utils.entry_point import run_pipeline
 from vqir.utils.options import OptionsError, copy_opt_file, dict2str, parse_options
 from vqir.utils.run_logger import init_run_logger
