@@ -4,6 +4,7 @@ following the uninterrupted one, ``--debug``, clear option errors, and the CLI's
 import csv
 import glob
 import os
+import re
 import subprocess
 import sys
 from os import path as osp
@@ -173,6 +174,17 @@ def _write_variant(tmp_path, old, new):
 def test_unknown_top_level_key_is_a_clear_error(tmp_path, data_dirs):
     bad = _write_variant(tmp_path, 'model_type: VQGANModel\n', 'model_type: VQGANModel\nfoo: 1\n')
     with pytest.raises(OptionsError, match=f'{bad}: unknown option key "foo"'):
+        train_pipeline(str(tmp_path / 'root'), argv=train_argv(data_dirs, yml=bad))
+    assert not osp.exists(tmp_path / 'root')
+
+
+@pytest.mark.parametrize('line, message', [
+    ('max_bad_step: 5', 'option train:max_bad_step is not a known train key (did you mean "max_bad_steps"?)'),
+    ('codebook_restart_every: 0', 'option train:codebook_restart_every must be a positive integer'),
+])
+def test_bad_train_keys_are_clear_errors(tmp_path, data_dirs, line, message):
+    bad = _write_variant(tmp_path, '\ntrain:\n', f'\ntrain:\n  {line}\n')
+    with pytest.raises(OptionsError, match=re.escape(f'{bad}: {message}')):
         train_pipeline(str(tmp_path / 'root'), argv=train_argv(data_dirs, yml=bad))
     assert not osp.exists(tmp_path / 'root')
 

@@ -39,6 +39,9 @@ KNOWN_PATH_KEYS = {'resume_state', 'root', 'ignore_resume_networks', 'results_ro
                    'models', 'training_states', 'log', 'visualization'}
 KNOWN_LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb', 'pbar'}
 KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images'}
+# train: besides these, optimisers (optim_*) and losses (*_opt)
+KNOWN_TRAIN_KEYS = {'total_iter', 'warmup_iter', 'scheduler', 'max_bad_steps', 'grad_clip_norm',
+                    'codebook_restart_every', 'gan_start_iter', 'net_d_iters', 'net_d_init_iters'}
 
 
 def load_options_file(opt_path):
@@ -116,6 +119,15 @@ def check_options(opt, opt_path, is_train):
                 value = train_set.get(key)
                 _expect(isinstance(value, int) and not isinstance(value, bool) and value >= least, opt_path,
                         f'datasets:train:{key}', f'must be an integer >= {least}, got {value!r}')
+        for key in train:
+            if not (key in KNOWN_TRAIN_KEYS or key.startswith('optim_') or key.endswith('_opt')):
+                close = difflib.get_close_matches(key, sorted(KNOWN_TRAIN_KEYS), n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else ''
+                _expect(False, opt_path, f'train:{key}', f'is not a known train key{hint}: known are '
+                        f'{", ".join(sorted(KNOWN_TRAIN_KEYS))}, optim_* (optimisers) and *_opt (losses)')
+        restart = train.get('codebook_restart_every')
+        _expect(restart is None or (isinstance(restart, int) and not isinstance(restart, bool) and restart > 0),
+                opt_path, 'train:codebook_restart_every', f'must be a positive integer (or absent), got {restart!r}')
         bad_steps = train.get('max_bad_steps', 1)
         _expect(isinstance(bad_steps, int) and not isinstance(bad_steps, bool) and bad_steps > 0, opt_path,
                 'train:max_bad_steps', f'must be a positive integer, got {bad_steps!r}')
