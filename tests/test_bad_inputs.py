@@ -39,14 +39,6 @@ STAGE2_YML = osp.join(ROOT, 'options', 'train', 'stage2_msrm_tiny.yml')
 NAME = 'stage0_vqgan_tiny'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cli_env():
     return dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
 

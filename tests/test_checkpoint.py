@@ -20,15 +20,6 @@ from vqir.utils.checkpoint import (CheckpointError, atomic_torch_save, load_chec
 TINY = dict(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, z_channels=16, n_embed=64, embed_dim=8)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """These tensors are tiny: threads only add synchronisation (costly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class HyperParameters:
     """A non-tensor object of a class weights_only does not know, as Lightning stores them."""
 

@@ -7,7 +7,6 @@ import sys
 import cv2
 import numpy as np
 import pytest
-import torch
 from basicsr.utils.matlab_functions import imresize
 
 from vqir.data.hr_image_dataset import HRImageDataset
@@ -18,14 +17,6 @@ DEMO_TRAIN = {
     'motorcycle_left.png'
 }
 DEMO_VAL = {'chelsea.png', 'motorcycle_right.png', 'colorwheel.png'}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def load_script(name):

@@ -18,15 +18,6 @@ from vqir.data.multiscale_hr_dataset import MultiScaleHRDataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # dataloader workers run datasets single-threaded; the many tiny resizes are slower with more
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def random_rgb(height, width, seed, dtype=np.uint8):
     top = np.iinfo(dtype).max
     return np.random.RandomState(seed).randint(0, top + 1, (height, width, 3)).astype(dtype)

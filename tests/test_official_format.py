@@ -27,16 +27,6 @@ IR_SCALE = 16
 PHOTOS = (('astronaut', (72, 104)), ('coffee', (100, 90)))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """The tiny networks here run many small ops, where a second thread gains little and, on a
-    shared CPU, stalls badly (measured on 2 busy cores: 777 s with 2 threads, 17 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_network_options(stage):
     with open(os.path.join(ROOT, 'options', 'train', 'stage2_msrm_tiny.yml'), encoding='utf-8') as f:
         net_opt = yaml.safe_load(f)['network_g']

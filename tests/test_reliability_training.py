@@ -46,14 +46,6 @@ STAGE0 = 'stage0_vqgan_tiny'
 TEMP_FILE = re.compile(r'^\.(net_[a-z]+_(\d+|latest)\.pth|\d+\.state)\.[^.]+\.tmp$')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def stage0_argv(demo, *force, extra=()):
     """The tiny stage-0 config, smaller still, no validation, every iteration logged."""
     return ['-opt', STAGE0_YML, *extra, '--force_yml', f'datasets:train:dataroot_gt={demo}/train',

@@ -28,15 +28,6 @@ from vqir.utils.options import parse_options
 FACTOR = 4  # ch_mult [1, 1, 2]: two downsamplings
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: one thread avoids thread-synchronisation overhead (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_opt(tmp_path, is_train=True, disc_start=10**9, lr=1e-3, network_d=None, path=None):
     """Options as ``parse_options`` hands them to a model."""
     opt = {

@@ -28,16 +28,6 @@ TRAIN_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
 VAL_PHOTOS = (('astronaut', (184, 200)), ('coffee', (176, 216)))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """The tiny networks here run many small ops, where a second thread gains little and, on a
-    shared CPU, stalls badly (measured on 2 busy cores: 777 s with 2 threads, 17 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_photos(folder, photos):
     os.makedirs(folder, exist_ok=True)
     for name, (height, width) in photos:

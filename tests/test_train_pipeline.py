@@ -25,15 +25,6 @@ DEMO_TRAIN = osp.join(ROOT, 'datasets', 'demo', 'train')
 NAME = 'stage0_vqgan_tiny'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The tiny networks run fastest on one thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def val_dir(tmp_path_factory):
     """Two small validation photos whose sides are not multiples of 16."""

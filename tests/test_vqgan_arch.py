@@ -16,15 +16,6 @@ F16_1024 = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=25
 TINY = dict(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, z_channels=16, n_embed=64, embed_dim=8)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """These tensors are tiny: threads only add synchronisation (costly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layout(module):
     return [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
 
