@@ -100,6 +100,27 @@ def test_tiny_vqgan_overfits_one_image(tmp_path):
     assert 1 <= model.log_dict['perplexity'] <= 64
 
 
+def test_bf16_vqgan_training(tmp_path):
+    torch.manual_seed(0)
+    opt = make_opt(tmp_path, disc_start=30)
+    opt['train']['mixed_precision'] = 'bf16'
+    model = build_model(opt)
+    gt = photo((32, 32))
+    l1_before, _ = l1_and_psnr(reconstruct(model, gt), gt)
+    for it in range(1, 61):
+        model.feed_data({'gt': gt})
+        model.optimize_parameters(it)
+        assert all(np.isfinite(v) for v in model.log_dict.values()), (it, model.log_dict)
+    l1_after, _ = l1_and_psnr(reconstruct(model, gt), gt)
+    # measured: L1 0.269 -> 0.053 (float32 with the same schedule: 0.058)
+    assert l1_after * 4 <= l1_before, (l1_before, l1_after)
+    assert model.log_dict['l_d'] != 0 and model.log_dict['d_weight'] > 0  # the GAN ran from iteration 31
+
+    opt['train']['mixed_precision'] = 'fp16'
+    with pytest.raises(ValueError, match='mixed_precision fp16 is not supported in stage 0'):
+        build_model(opt)
+
+
 def test_dead_codes_restart_at_encoder_outputs():
     quantizer = VectorQuantizer(8, 4)
     before = quantizer.embedding.weight.detach().clone()

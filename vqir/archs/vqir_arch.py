@@ -11,14 +11,16 @@ Upscaling::
       -> decoder -> SR (B, 3, H, W) and decoder features Level_1/2/4/...
       -> (stage 2) MSRM -> Level_4 (H/4), Level_2 (H/2), Level_1 (H, the final image)
 
-The VQGAN parts (encoder, quantize, quant_conv, post_quant_conv, decoder) always run without
-gradients. In stage 1 gradients reach only the IFRM; in stage 2 the IFRM also runs without
+Under ``torch.autocast`` (mixed-precision training, half-precision inference) the codebook
+search and the IFRM still run in float32. The VQGAN parts (encoder, quantize, quant_conv,
+post_quant_conv, decoder) always run without gradients. In stage 1 gradients reach only the IFRM; in stage 2 the IFRM also runs without
 gradients and only the refinement module (``refine``) can learn.
 
 Attribute names and state_dict order (encoder, decoder, quantize, quant_conv, post_quant_conv,
 refine in stage 2, icrm) equal the official checkpoints, which therefore load strictly.
 """
 import copy
+from contextlib import contextmanager
 
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -39,6 +41,13 @@ def _build_registered(part_opt, defaults, where):
     for key, value in defaults.items():
         kwargs.setdefault(key, value)
     return ARCH_REGISTRY.get(arch_type)(**kwargs)
+
+
+@contextmanager
+def _ifrm_mode(device_type, grad_enabled):
+    """Autocast off (float32) and gradients on or off, for the IFRM's passes."""
+    with torch.autocast(device_type=device_type, enabled=False), torch.set_grad_enabled(grad_enabled):
+        yield
 
 
 @ARCH_REGISTRY.register()
@@ -163,15 +172,21 @@ class VQIR(nn.Module):
         quant_feat, _, _ = self.quantize(self.quant_conv(self.encoder(x_hr)))
         return quant_feat
 
+    def _ifrm_context(self, x):
+        """Gradients only in stage 1; float32 even under autocast: the reverse pass undoes the
+        forward only to the precision it ran in, and the LR lies on a 1/255 grid."""
+        return _ifrm_mode(x.device.type, torch.is_grad_enabled() and self.stage == 1)
+
     def _features_to_lr(self, quant_feat, noise):
-        """IFRM forward + 8-bit quantisation; without gradients in stage 2."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage == 1):
-            return quantize_lr(self.icrm(quant_feat, rev=False), noise=noise)
+        """IFRM forward + 8-bit quantisation (float32); without gradients in stage 2."""
+        with self._ifrm_context(quant_feat):
+            return quantize_lr(self.icrm(quant_feat.float(), rev=False), noise=noise)
 
     def _lr_to_features(self, lr):
-        """IFRM reverse: LR -> ``re_quant_feat`` ``(B, embed_dim, H/16, W/16)``; without gradients in stage 2."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage == 1):
-            return self.icrm(lr, rev=True)
+        """IFRM reverse (float32): LR -> ``re_quant_feat`` ``(B, embed_dim, H/16, W/16)``; without
+        gradients in stage 2."""
+        with self._ifrm_context(lr):
+            return self.icrm(lr.float(), rev=True)
 
     @torch.no_grad()
     def _decode(self, re_quant_feat, image=True):

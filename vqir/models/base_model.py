@@ -7,6 +7,9 @@ knows only Adam. ``VQIRBaseModel`` fixes that in one place and adds what the sta
 - checkpoint I/O through ``vqir.utils.checkpoint`` (weights_only loads, atomic writes) and
   training states that also hold the RNG states, so a resumed run continues the same curve;
 - a guard against non-finite losses and gradients, and optional gradient clipping;
+- mixed-precision training (``train.mixed_precision``: ``bf16`` or ``fp16``): subclasses run
+  their forward passes and losses under ``self.autocast()``; with fp16 each optimiser gets a
+  ``torch.amp.GradScaler`` (its state is part of the training state);
 - one validation loop for all stages: metrics from ``val.metrics`` (each names the output and
   target it compares), images saved per output, a metrics CSV per dataset and a printed table.
 """
@@ -15,6 +18,7 @@ import math
 import os
 import random
 from collections import OrderedDict
+from contextlib import nullcontext
 from os import path as osp
 
 import numpy as np
@@ -27,6 +31,7 @@ from tqdm import tqdm
 
 from vqir.utils.checkpoint import atomic_torch_save, load_weights, save_state_dict
 from vqir.utils.dist import barrier, is_distributed, master_only
+from vqir.utils.options import MIXED_PRECISION
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,6 +79,32 @@ class VQIRBaseModel(BaseModel):
         self.saved_networks = OrderedDict()  # label -> network, written by save()
         self.output = {}
         self._bad_steps = 0
+        self.autocast_dtype = self._mixed_precision_dtype()
+        self.grad_scalers = OrderedDict()  # optimised part -> GradScaler (fp16 only), made at its first step
+
+    def _mixed_precision_dtype(self):
+        """The autocast dtype of ``train.mixed_precision`` (None for float32 and when testing)."""
+        if not self.is_train:
+            return None
+        name = (self.opt.get('train') or {}).get('mixed_precision') or 'fp32'
+        if name not in MIXED_PRECISION:
+            raise ValueError(f'{self.opt.get("opt_path", "options")}: train:mixed_precision must be one of '
+                             f'{", ".join(MIXED_PRECISION)}, got {name!r}')
+        return MIXED_PRECISION[name]
+
+    def autocast(self):
+        """Context for forward passes and losses: autocast to ``train.mixed_precision``, or nothing."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def grad_scaler(self, name):
+        """The GradScaler of the optimised part ``name`` with fp16 (created on first use), else None."""
+        if self.autocast_dtype is not torch.float16:
+            return None
+        if name not in self.grad_scalers:
+            self.grad_scalers[name] = torch.amp.GradScaler(self.device.type)
+        return self.grad_scalers[name]
 
     # ------------------------------------------------------------------ image conventions
     def to_network(self, img):
@@ -183,6 +214,7 @@ class VQIRBaseModel(BaseModel):
             'schedulers': [s.state_dict() for s in self.schedulers],
             'rng': get_rng_state(),
             'networks': list(self.saved_networks),
+            'grad_scalers': OrderedDict((name, scaler.state_dict()) for name, scaler in self.grad_scalers.items()),
         }
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
@@ -196,6 +228,10 @@ class VQIRBaseModel(BaseModel):
             scheduler.load_state_dict(state)
         if 'rng' in resume_state:
             set_rng_state(resume_state['rng'])
+        for name, state in (resume_state.get('grad_scalers') or {}).items():
+            scaler = self.grad_scaler(name)
+            if scaler is not None:  # a run resumed in another precision starts without loss scaling
+                scaler.load_state_dict(state)
 
     # ------------------------------------------------------------------ safe optimisation steps
     def losses_are_finite(self, loss_dict):
@@ -211,9 +247,12 @@ class VQIRBaseModel(BaseModel):
                 bad = ['(on another process)']
         return self._record_step(bad, 'loss')
 
+    @staticmethod
+    def _all_finite(params):
+        return all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+
     def gradients_are_finite(self, params, name):
-        bad = not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
-        return self._record_step([name] if bad else [], 'gradient of')
+        return self._record_step([] if self._all_finite(params) else [name], 'gradient of')
 
     def _record_step(self, bad, what):
         if not bad:
@@ -233,17 +272,37 @@ class VQIRBaseModel(BaseModel):
         self._bad_steps = 0
 
     def backward_and_step(self, loss, optimizer, params, name):
-        """Backward, check gradients, clip (``train.grad_clip_norm``), step. Returns False if skipped."""
+        """Backward, check gradients, clip (``train.grad_clip_norm``), step. Returns False if skipped.
+
+        With fp16 the loss is scaled by the part's GradScaler and the gradients unscaled before
+        the check. An overflow of the scaled gradients is the scaler's normal way of finding its
+        scale: the step is skipped and the scale lowered, without counting as a bad step, as
+        long as the scale is at least 1 (below that the gradients themselves are not finite).
+        """
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler = self.grad_scaler(name)
+        (loss if scaler is None else scaler.scale(loss)).backward()
         params = [p for p in params if p.requires_grad]
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+            if scaler.get_scale() >= 1 and not self._all_finite(params):
+                scaler.update()  # lowers the scale
+                optimizer.zero_grad(set_to_none=True)
+                self.log_dict = OrderedDict()
+                return False
         if not self.gradients_are_finite(params, name):
             optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()
             return False
         clip = self.opt['train'].get('grad_clip_norm')
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         return True
 
     # ------------------------------------------------------------------ validation

@@ -66,6 +66,8 @@ class VQGANModel(VQIRBaseModel):
             ``loss.discriminator.*`` entries are taken).
         train.vqgan_loss_opt: ``type: VQGANLoss`` with ``disc_start``, weights, ``gan_type``.
         train.optim_g, train.optim_d: the two optimisers (taming: Adam, betas (0.5, 0.9)).
+        train.mixed_precision: ``bf16`` runs the VQGAN (but its codebook search), the LPIPS
+            backbone and the discriminator under autocast; ``fp16`` is refused here (see __init__).
         train.codebook_restart_every: N > 0 re-initialises, every N iterations, the codes that no
             position chose in those N iterations with encoder outputs of the batch (see
             :mod:`vqir.models.codebook_restart`); off when absent (taming has no restarts).
@@ -79,6 +81,10 @@ class VQGANModel(VQIRBaseModel):
 
     def __init__(self, opt):
         super().__init__(opt)
+        if self.autocast_dtype is torch.float16:
+            raise ValueError(f'{opt.get("opt_path", "options")}: train:mixed_precision fp16 is not supported in '
+                             'stage 0: the adaptive GAN weight differentiates unscaled losses, whose fp16 gradients '
+                             'can underflow; use bf16')
         self.net_g = self.model_to_device(build_network(opt['network_g']))
         self.load_pretrained(self.net_g, 'g')
         self.saved_networks['net_g'] = self.net_g
@@ -159,11 +165,13 @@ class VQGANModel(VQIRBaseModel):
 
         # autoencoder step; the discriminator only judges, it gets no gradients here
         self._set_requires_grad(self.params_d, False)
-        rec, codebook_loss = self.net_g(x)
+        with self.autocast():  # the codebook search stays float32 (VectorQuantizer)
+            rec, codebook_loss = self.net_g(x)
+            logits_fake = self.net_d(rec).float() if gan_on else None
+            rec = rec.float()
+            l_g, g_log = self.cri_vqgan.generator_loss(x, rec, codebook_loss.float(), logits_fake, current_iter,
+                                                       last_layer=self.get_bare_model(self.net_g).get_last_layer())
         perplexity = self._last_quantizer_info[0].detach()
-        logits_fake = self.net_d(rec) if gan_on else None
-        l_g, g_log = self.cri_vqgan.generator_loss(x, rec, codebook_loss, logits_fake, current_iter,
-                                                   last_layer=self.get_bare_model(self.net_g).get_last_layer())
         loss_dict = OrderedDict(l_rec=g_log['l_pix'])
         if self.cri_vqgan.perceptual is not None:
             loss_dict['l_p'] = g_log['l_percep']
@@ -177,8 +185,8 @@ class VQGANModel(VQIRBaseModel):
         # discriminator step, on the reconstruction of the same forward pass
         if gan_on:
             self._set_requires_grad(self.params_d, True)
-            logits_real = self.net_d(x)
-            logits_fake = self.net_d(rec.detach())
+            with self.autocast():
+                logits_real, logits_fake = self.net_d(x).float(), self.net_d(rec.detach()).float()
             l_d, d_log = self.cri_vqgan.discriminator_loss(logits_real, logits_fake, current_iter)
             loss_dict['l_d'] = d_log['l_d']
             if not self.losses_are_finite({'l_d': l_d}):

@@ -13,6 +13,8 @@ LR target is the dataset's ``lq`` (``HRImageDataset`` with ``ir_scale``).
 
 Options: see :mod:`vqir.models.rescaling_base` for the network, weights and inference, plus
     train.optim_g: optimiser of the IFRM (paper: Adam, lr 1e-4, betas [0.9, 0.96]).
+    train.mixed_precision: ``bf16`` / ``fp16`` run the frozen VQGAN encoder under autocast (the
+        IFRM and the codebook search stay float32); absent or ``fp32``: float32 throughout.
     train.guide_opt, train.feature_opt, train.gram_opt: the three losses
         (``LRGuidanceLoss``, ``FeatureRecoveryLoss``, ``GramLoss``); a missing one or one with
         ``loss_weight: 0`` is left out.
@@ -57,7 +59,8 @@ class VQIRModel(RescalingModel):
 
     def optimize_parameters(self, current_iter):
         x = self.to_network(self.gt)
-        out = self.net_g(x, is_train=True)  # LR with noise instead of rounding
+        with self.autocast():  # only the frozen encoder runs in low precision; the IFRM stays float32
+            out = self.net_g(x, is_train=True)  # LR with noise instead of rounding
         loss_dict = OrderedDict()
         for name, loss in self.losses.items():
             if name == 'l_guide':

@@ -23,6 +23,9 @@ Options: see :mod:`vqir.models.rescaling_base` for the network, weights and infe
         otherwise); ``pretrained_backbone: false`` runs the code path with a random backbone.
     train.gan_opt (basicsr ``GANLoss``, ``gan_type: hinge``, on Level_1): absent or
         ``loss_weight: 0`` -> no discriminator is built or trained.
+    train.mixed_precision: ``bf16`` / ``fp16``: the frozen VQGAN, the MSRM, the LPIPS backbone and
+        the discriminator run under autocast (the IFRM and the codebook search stay float32; the
+        losses compare in float32); absent or ``fp32``: float32 throughout.
     train.gan_start_iter (default 0): the GAN terms and the discriminator are on from the
         iteration after this one (as in the reference).
     train.net_d_iters (default 1), train.net_d_init_iters (default 0): basicsr's SRGAN schedule:
@@ -112,20 +115,22 @@ class VQIRRFModel(RescalingModel):
         # MSRM step; the discriminator only judges, it gets no gradients here
         if self.net_d is not None:
             self._set_d_requires_grad(False)
-        with torch.set_grad_enabled(g_step):
+        with torch.set_grad_enabled(g_step), self.autocast():
             out = self.net_g(targets['Level_1'], is_train=True)
+        out = OrderedDict((key, value.float()) for key, value in out.items())  # losses compare in float32
         loss_dict = OrderedDict()
         if g_step:
             if self.cri_pix is not None:
                 loss_dict['l_pix'] = sum(self.cri_pix(out[level], target) for level, target in targets.items())
             if self.cri_edge is not None:
                 loss_dict['l_edge'] = sum(self.cri_edge(out[level], target) for level, target in targets.items())
-            if self.cri_perceptual is not None:
-                loss_dict['l_percep'] = self.cri_perceptual(self._as_rgb(out['Level_1']),
-                                                            self._as_rgb(targets['Level_1']))
-            if self.cri_gan is not None:
-                loss_dict['l_g_gan'] = (self.cri_gan(self.net_d(out['Level_1']), True, is_disc=False)
-                                        if gan_on else zero)
+            with self.autocast():  # the LPIPS backbone and the discriminator
+                if self.cri_perceptual is not None:
+                    loss_dict['l_percep'] = self.cri_perceptual(self._as_rgb(out['Level_1']),
+                                                                self._as_rgb(targets['Level_1'])).float()
+                if self.cri_gan is not None:
+                    loss_dict['l_g_gan'] = (self.cri_gan(self.net_d(out['Level_1']).float(), True, is_disc=False)
+                                            if gan_on else zero)
             l_g_total = sum(loss_dict.values())
             loss_dict['l_g_total'] = l_g_total
             if not self.losses_are_finite(loss_dict):
@@ -138,8 +143,10 @@ class VQIRRFModel(RescalingModel):
             loss_dict.update(l_d_real=zero, l_d_fake=zero, l_d=zero)
         if gan_on:
             self._set_d_requires_grad(True)
-            l_d_real = self.cri_gan(self.net_d(targets['Level_1']), True, is_disc=True)
-            l_d_fake = self.cri_gan(self.net_d(out['Level_1'].detach()), False, is_disc=True)
+            with self.autocast():
+                logits_real, logits_fake = self.net_d(targets['Level_1']), self.net_d(out['Level_1'].detach())
+            l_d_real = self.cri_gan(logits_real.float(), True, is_disc=True)
+            l_d_fake = self.cri_gan(logits_fake.float(), False, is_disc=True)
             l_d = l_d_real + l_d_fake
             loss_dict.update(l_d_real=l_d_real, l_d_fake=l_d_fake, l_d=l_d)
             if not self.losses_are_finite({'l_d': l_d}):

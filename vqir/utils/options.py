@@ -41,7 +41,10 @@ KNOWN_LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wan
 KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images'}
 # train: besides these, optimisers (optim_*) and losses (*_opt)
 KNOWN_TRAIN_KEYS = {'total_iter', 'warmup_iter', 'scheduler', 'max_bad_steps', 'grad_clip_norm',
-                    'codebook_restart_every', 'gan_start_iter', 'net_d_iters', 'net_d_init_iters'}
+                    'codebook_restart_every', 'gan_start_iter', 'net_d_iters', 'net_d_init_iters',
+                    'mixed_precision'}
+# train.mixed_precision -> autocast dtype (None: float32 throughout)
+MIXED_PRECISION = OrderedDict([('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)])
 
 
 def load_options_file(opt_path):
@@ -128,6 +131,9 @@ def check_options(opt, opt_path, is_train):
         restart = train.get('codebook_restart_every')
         _expect(restart is None or (isinstance(restart, int) and not isinstance(restart, bool) and restart > 0),
                 opt_path, 'train:codebook_restart_every', f'must be a positive integer (or absent), got {restart!r}')
+        precision = train.get('mixed_precision')
+        _expect(precision is None or precision in MIXED_PRECISION, opt_path, 'train:mixed_precision',
+                f'must be one of {", ".join(MIXED_PRECISION)} (or absent), got {precision!r}')
         bad_steps = train.get('max_bad_steps', 1)
         _expect(isinstance(bad_steps, int) and not isinstance(bad_steps, bool) and bad_steps > 0, opt_path,
                 'train:max_bad_steps', f'must be a positive integer, got {bad_steps!r}')
