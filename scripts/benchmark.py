@@ -20,6 +20,12 @@ Cases (``--only``; each runs in its own child process, so that its peak memory i
               Level_1 LPIPS (1, VGG with a random backbone: no weights are downloaded) + hinge GAN
               (0.1); then one step of basicsr's U-Net discriminator (spectral norm)
   train       train1 and train2
+  precision   the round trip of a photo (scikit-image's astronaut, resized) in float32 and in half
+              precision (fp16 on CUDA, bf16 on CPU; or ``--dtype``), alternately: speed-up, PSNR of
+              both reconstructions against the photo (Y channel, as papers report) and between them,
+              LR pixels that differ. With random weights only the differences mean something; give a
+              trained network with ``--weights`` (an official VQIR ``.pth`` or a stage-2 ``net_g``).
+              Sizes above the automatic tiling threshold are skipped.
 
   With ``--reference DIR``:
   ref_forward ours' and the reference's full ``forward(x, is_train=False)`` with the same weights,
@@ -81,6 +87,7 @@ Examples::
     python scripts/benchmark.py --quick --device cpu --threads 2
     python scripts/benchmark.py --quick --reference /tmp/vqir_ref --only ref_forward,ref_train,ref_memory
     python scripts/benchmark.py --sizes 2040x1356 --scales 16 --only roundtrip --repeats 1
+    python scripts/benchmark.py --device cuda --only precision --weights pretrained/vqir_x16.pth --scales 16
     python scripts/benchmark.py --list            # case ids, for --skip 'cpu/x32/*'
     python scripts/benchmark.py --smoke --json /tmp/smoke.json   # tiny network, seconds
 """
@@ -126,7 +133,7 @@ DEFAULT_SIZES = '256,512,1024,2040x1356'
 QUICK_SIZES = '256,512'
 SMOKE_SIZES = '96x64'
 DEFAULT_MEMORY_SIZE = '2040x1356'
-MAIN_OPS = ('down', 'up', 'roundtrip', 'train1', 'train2')
+MAIN_OPS = ('down', 'up', 'roundtrip', 'train1', 'train2', 'precision')
 REFERENCE_OPS = ('ref_forward', 'ref_train', 'ref_memory')
 TRAINING_OPS = ('train1', 'train2', 'ref_train')
 MEMORY_VARIANTS = ('ours', 'ours_plain', 'ref', 'ref_tiled')
@@ -144,7 +151,8 @@ SMOKE_CONV_PROBE_SIZE = 32
 
 # The reference's targets (facts measured on a 2-core AVX2 machine; see the issue / report).
 TARGETS = OrderedDict(
-    forward_speedup=1.5, conv_fraction=0.85, up_speedup=2.0, memory_ratio=0.5, train_speedup=1.5)
+    forward_speedup=1.5, conv_fraction=0.85, up_speedup=2.0, memory_ratio=0.5, train_speedup=1.5,
+    half_speedup=2.0, half_psnr_db=0.05)
 
 
 # ================================================================================ small helpers
@@ -806,6 +814,59 @@ def run_train_case(spec, device, peak):
     return add_rates(result, yardsticks['conv_gflop_per_s'])
 
 
+def photo(height, width, device):
+    """scikit-image's astronaut, resized (bicubic, antialiased) to (1, 3, height, width) RGB in [0, 1]."""
+    from skimage import data as skdata
+    img = torch.from_numpy(skdata.astronaut()).permute(2, 0, 1)[None].float() / 255
+    img = F.interpolate(img, size=(height, width), mode='bicubic', antialias=True, align_corners=False)
+    return img.clamp_(0, 1).to(device)
+
+
+def psnr_y(img, ref):
+    """PSNR on the Y channel of 8-bit images, as the metrics of the test pipeline compute it."""
+    from basicsr.metrics import calculate_psnr
+    from basicsr.utils import tensor2img
+    return float(calculate_psnr(tensor2img(img.float().cpu().clamp(0, 1)), tensor2img(ref.float().cpu()),
+                                crop_border=0, test_y_channel=True))
+
+
+def run_precision_case(spec, device, peak):
+    """The round trip of a photo in float32 and in half precision, alternately: speed and PSNR."""
+    net = build_ours(spec, stage=2)
+    if spec.get('weights'):
+        from vqir.utils.checkpoint import load_weights
+        load_weights(net, spec['weights'], strict=True, param_key='auto')
+    apply_our_flags(net, spec, device)
+    half = spec['half_dtype']
+    rescalers = OrderedDict((('fp32', Rescaler(net, device=device, tile=spec['tile'], tile_overlap=spec['tile_overlap'])),
+                             (half, Rescaler(net, device=device, tile=spec['tile'], tile_overlap=spec['tile_overlap'],
+                                             half=half == 'fp16', bf16=half == 'bf16'))))
+    height, width = spec['size']
+    hr = photo(height, width, device)
+    outputs = {name: rescaler.roundtrip(hr) for name, rescaler in rescalers.items()}  # also the warm-up
+    for _ in range(max(0, spec['warmup'] - 1)):
+        for rescaler in rescalers.values():
+            rescaler.roundtrip(hr)
+    samples = {name: ([], []) for name in rescalers}
+    for i in range(spec['repeats']):
+        order = list(rescalers.items()) if i % 2 == 0 else list(reversed(rescalers.items()))
+        for name, rescaler in order:
+            sync(device)
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            rescaler.roundtrip(hr)
+            sync(device)
+            samples[name][0].append(time.perf_counter() - t0)
+            samples[name][1].append(cpu_seconds() - c0)
+    (lr32, rec32), (lr_half, rec_half) = [(lr, out['Level_1']) for lr, out in outputs.values()]
+    result = {'half_dtype': half, 'weights': spec.get('weights') or 'random', 'processed': size_name((height, width)),
+              'psnr_fp32_db': psnr_y(rec32, hr), 'psnr_half_db': psnr_y(rec_half, hr),
+              'psnr_half_vs_fp32_db': psnr_y(rec_half, rec32), 'max_abs_diff': _max_abs_diff(rec_half, rec32),
+              'lr_pixels_differing': int((lr32 != lr_half).any(dim=1).sum()), 'lr_pixels': lr32[0, 0].numel()}
+    for name in rescalers:
+        result['fp32' if name == 'fp32' else 'half'] = timing_summary(*samples[name])
+    return result
+
+
 def _max_abs_diff(a, b):
     return float((a.float() - b.float()).abs().max())
 
@@ -1023,6 +1084,7 @@ RUNNERS = {
     'ref_forward': run_ref_forward_case,
     'ref_train': run_ref_train_case,
     'ref_memory': run_ref_memory_case,
+    'precision': run_precision_case,
 }
 
 
@@ -1082,6 +1144,12 @@ def build_cases(args, devices):
                 if op in args.ops:
                     for size in args.sizes:
                         cases.append(dict(base, op=op, scale=scale, size=size, batch=1))
+            if 'precision' in args.ops:
+                half = args.dtype if args.dtype != 'fp32' else ('fp16' if device == 'cuda' else 'bf16')
+                for size in args.sizes:
+                    if size[0] * size[1] <= DEFAULT_AUTO_TILE_PIXELS:
+                        cases.append(dict(base, op='precision', scale=scale, size=size, batch=1, half_dtype=half,
+                                          weights=args.weights))
             for op, stage in (('train1', 1), ('train2', 2)):
                 if op in args.ops:
                     for batch in args.train_batches:
@@ -1153,7 +1221,7 @@ def gb(value):
 
 
 def print_main_table(results, out):
-    rows = [r for r in results if r['spec']['op'] in MAIN_OPS]
+    rows = [r for r in results if r['spec']['op'] in MAIN_OPS and r['spec']['op'] != 'precision']
     if not rows:
         return
     header = (f"{'case':34s} {'processed':>10s} {'tiles':>5s} {'median s':>9s} {'min s':>8s} {'CPU s':>8s} "
@@ -1170,6 +1238,29 @@ def print_main_table(results, out):
             f"{fmt(gb(r.get('peak_bytes'))):>8s} {fmt(r.get('gflops'), '.1f'):>8s} "
             f"{fmt(r.get('gflop_per_s'), '.1f'):>8s} {fmt(r.get('conv_gflop_per_s'), '.1f'):>7s} "
             f"{fmt(100 * r['conv_fraction'] if r.get('conv_fraction') else None, '.0f'):>7s}")
+
+
+def print_precision_table(results, out):
+    rows = [r for r in results if r['spec']['op'] == 'precision']
+    if not rows:
+        return
+    out('')
+    out('Half precision: round trip of a photo, float32 and half alternately (PSNR on Y against the photo)')
+    header = (f"{'case':30s} {'half':>5s} {'fp32 s':>8s} {'half s':>8s} {'speedup':>8s} {'PSNR fp32':>10s} "
+              f"{'PSNR half':>10s} {'|dPSNR|':>8s} {'half/fp32':>10s} {'LR px diff':>11s}  weights")
+    out(header)
+    out('-' * len(header))
+    for row in rows:
+        r = row['result']
+        if r.get('status') != 'ok':
+            out(f"{row['spec']['id']:30s} {r.get('status')}: {r.get('error', '')}")
+            continue
+        f, h = r['fp32'], r['half']
+        out(f"{row['spec']['id'].replace('/precision', ''):30s} {r['half_dtype']:>5s} {f['median_s']:8.3f} "
+            f"{h['median_s']:8.3f} {f['median_s'] / h['median_s']:8.2f} {r['psnr_fp32_db']:10.3f} "
+            f"{r['psnr_half_db']:10.3f} {abs(r['psnr_half_db'] - r['psnr_fp32_db']):8.3f} "
+            f"{r['psnr_half_vs_fp32_db']:10.2f} {r['lr_pixels_differing']:>5d}/{r['lr_pixels']:<5d}  "
+            f"{osp.basename(r['weights'])}")
 
 
 def print_reference_tables(results, out):
@@ -1238,6 +1329,16 @@ def evaluate_targets(results):
     def add(name, value, target, passed, detail):
         checks.append({'target': name, 'value': value, 'required': target, 'passed': passed, 'detail': detail})
 
+    for row in results:
+        spec, r = row['spec'], row['result']
+        if spec['op'] != 'precision' or spec['device'] != 'cuda' or r.get('status') != 'ok':
+            continue  # the half-precision target is a GPU's
+        speedup = r['fp32']['median_s'] / r['half']['median_s']
+        dpsnr = abs(r['psnr_half_db'] - r['psnr_fp32_db'])
+        add('half precision >= 2x faster than fp32, PSNR within 0.05 dB', speedup, TARGETS['half_speedup'],
+            speedup >= TARGETS['half_speedup'] and dpsnr <= TARGETS['half_psnr_db'],
+            f'{spec["id"]}: {r["half_dtype"]} {r["half"]["median_s"]:.3f} s vs fp32 {r["fp32"]["median_s"]:.3f} s; '
+            f'PSNR {r["psnr_half_db"]:.3f} vs {r["psnr_fp32_db"]:.3f} dB ({r["weights"]} weights)')
     results = [row for row in results if row['spec']['dtype'] == 'fp32']
     for row in results:
         spec, r = row['spec'], row['result']
@@ -1394,6 +1495,9 @@ def parse_args(argv=None):
     parser.add_argument('--case-timeout', type=float, default=None, help='seconds before a case is abandoned')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='also profile forward cases (torch.profiler) and keep the top N operators')
+    parser.add_argument('--weights', default=None,
+                        help='precision case: a trained stage-2 VQIR state for the network (official .pth or '
+                        'our net_g); default: random weights')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -1436,6 +1540,8 @@ def parse_args(argv=None):
     if not args.reference and any(op in REFERENCE_OPS for op in expanded) and args.only:
         parser.error(f'--only {args.only}: reference cases need --reference DIR')
     args.ops = expanded
+    if args.weights is not None and not osp.isfile(args.weights):
+        parser.error(f'--weights: {args.weights}: file not found')
     if args.reference:
         args.reference = check_reference_dir(args.reference)
     if args.memory_limit_gb is None:
@@ -1506,6 +1612,7 @@ def main(argv=None):
             out(f"{row['spec']['device']}: plain 128-channel 3x3 conv ({probe}x{probe}, batch 1): "
                 f"{row['result']['conv_gflop_per_s']:.1f} GFLOP/s")
     print_main_table(results, out)
+    print_precision_table(results, out)
     print_reference_tables(results, out)
     print_targets(evaluate_targets(results), out)
     env['load_average_end'] = load_average()

@@ -71,7 +71,8 @@ def test_smoke_run_measures_every_case(smoke_run):
     expected = {
         'cpu/conv', 'cpu/x16/down/96x64', 'cpu/x16/up/96x64', 'cpu/x16/roundtrip/96x64', 'cpu/x16/train1/b1@64',
         'cpu/x16/train2/b1@64', 'cpu/x16/ref_forward/96x64', 'cpu/x16/ref_train/s1/b1@64',
-        'cpu/x16/ref_train/s2/b1@64', 'cpu/x16/ref_memory/ours/96x64', 'cpu/x16/ref_memory/ref/96x64'
+        'cpu/x16/ref_train/s2/b1@64', 'cpu/x16/ref_memory/ours/96x64', 'cpu/x16/ref_memory/ref/96x64',
+        'cpu/x16/precision/96x64'
     }
     assert set(cases) == expected
     assert all(r['status'] == 'ok' for r in cases.values()), {k: r.get('error') for k, r in cases.items()}
@@ -97,6 +98,15 @@ def test_smoke_run_measures_every_case(smoke_run):
         assert r['median_s'] > 0 and r['flops']['by_op'].get('convolution_backward', 0) > 0
 
     assert 'Targets' in stdout and 'cpu/x16/roundtrip/96x64' in stdout
+
+    # half precision on a CPU is bfloat16; the photo's round trip is compared in PSNR both ways
+    prec = cases['cpu/x16/precision/96x64']
+    assert prec['half_dtype'] == 'bf16' and prec['weights'] == 'random'
+    assert prec['fp32']['median_s'] > 0 and prec['half']['median_s'] > 0
+    assert prec['lr_pixels'] == 6 * 4 and 0 <= prec['lr_pixels_differing'] <= prec['lr_pixels']
+    assert 0 < prec['psnr_fp32_db'] < 100 and 0 < prec['psnr_half_db'] < 100
+    assert prec['max_abs_diff'] > 0 and prec['psnr_half_vs_fp32_db'] > prec['psnr_fp32_db']
+    assert 'Half precision' in stdout
 
 
 def test_smoke_reference_comparison(smoke_run):
@@ -136,6 +146,19 @@ def test_case_selection_and_skip(bench):
         bench.parse_args(['--only', 'ref_forward'])  # reference cases need --reference
     with pytest.raises(SystemExit):
         bench.parse_args(['--only', 'sideways'])
+
+
+def test_half_precision_target_is_a_gpus(bench):
+    def row(device, fp32_s, half_s, psnr_fp32, psnr_half):
+        spec = {'op': 'precision', 'device': device, 'dtype': 'fp32', 'id': f'{device}/x16/precision/512x512'}
+        result = {'status': 'ok', 'half_dtype': 'fp16', 'weights': 'random', 'fp32': {'median_s': fp32_s},
+                  'half': {'median_s': half_s}, 'psnr_fp32_db': psnr_fp32, 'psnr_half_db': psnr_half}
+        return {'spec': spec, 'result': result}
+
+    checks = bench.evaluate_targets([row('cuda', 1.0, 0.4, 30.0, 29.96), row('cpu', 1.0, 0.4, 30.0, 29.96)])
+    assert [(c['passed'], round(c['value'], 2)) for c in checks] == [(True, 2.5)]  # the CPU row is not judged
+    slow, drifting = row('cuda', 1.0, 0.6, 30.0, 30.0), row('cuda', 1.0, 0.4, 30.0, 29.9)
+    assert [c['passed'] for c in bench.evaluate_targets([slow, drifting])] == [False, False]
 
 
 def test_parse_size(bench):
