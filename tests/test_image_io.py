@@ -164,3 +164,29 @@ def test_list_images(tmp_path, rgb_u8):
         list_images([str(empty)])
     with pytest.raises(ImageReadError, match='no such file or folder'):
         list_images([str(tmp_path / 'nope')])
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    from PIL import Image, ImageOps
+    rgba = np.zeros((6, 10, 4), np.uint8)  # not square, no symmetry: every orientation differs
+    rgba[..., 0] = np.arange(60).reshape(6, 10)
+    rgba[..., 1] = np.arange(6)[:, None] * 40
+    rgba[..., 3] = 255 - np.arange(10)[None] * 20
+    stored = Image.fromarray(rgba, 'RGBA')
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = str(tmp_path / 'phone.png')
+    stored.save(path, exif=exif.tobytes())
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(path)))  # how viewers show it
+
+    img, info = read_image(path)
+    assert info.orientation == orientation and info.size == upright.shape[:2]
+    assert np.array_equal(np.round(img * 255).astype(np.uint8), upright[..., :3])
+    assert np.array_equal(np.round(info.alpha * 255).astype(np.uint8), upright[..., 3])
+    # the result is written without the tag, so it is shown the way the input was
+    out = str(tmp_path / 'out.png')
+    write_image(out, img, info)
+    with Image.open(out) as written:
+        assert written.getexif().get(0x0112, 1) == 1
+        assert np.array_equal(np.asarray(written), upright)

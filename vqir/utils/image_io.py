@@ -3,8 +3,10 @@
 ``read_image`` returns an RGB float32 image in [0, 1] and an :class:`ImageInfo` that remembers
 what the file was (grey / RGB / RGBA, 8 or 16 bits, its PNG text chunks), so that
 ``write_image`` can give the result back in the same form. Decoding uses OpenCV with
-``cv2.IMREAD_UNCHANGED`` (alpha and 16-bit samples are kept; EXIF orientation is not applied);
-the bit depth is taken from the decoded array's dtype, never guessed from pixel values.
+``cv2.IMREAD_UNCHANGED`` (alpha and 16-bit samples are kept); the bit depth is taken from the
+decoded array's dtype, never guessed from pixel values. An EXIF orientation tag (phone photos) is
+applied, so the network sees the image the way viewers show it; results are written without
+the tag and so are shown the same way.
 
 Before anything is decoded the header is read (PIL, lazily) and images with more than
 ``max_pixels`` pixels are refused, so a small file that would expand into gigabytes
@@ -56,6 +58,7 @@ class ImageInfo:
         size: (H, W) of the image.
         alpha: (H, W) float32 in [0, 1] for 'rgba', else None.
         text: PNG text chunks (tEXt / iTXt / zTXt) as {key: value}; empty for other formats.
+        orientation: the file's EXIF orientation (1-8; 1 when it has none), already applied.
     """
     path: str
     mode: str
@@ -63,6 +66,7 @@ class ImageInfo:
     size: tuple
     alpha: np.ndarray = None
     text: dict = field(default_factory=dict)
+    orientation: int = 1
 
 
 @contextmanager
@@ -79,15 +83,37 @@ def _pil_without_bomb_limit():
         Image.MAX_IMAGE_PIXELS = limit
 
 
+# EXIF orientation -> the array operation that shows the image upright (as PIL's exif_transpose)
+_EXIF_ORIENTATION_TAG = 0x0112
+_ORIENT = {
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.swapaxes(0, 1),  # transposed
+    6: lambda a: np.rot90(a, -1),  # stored rotated 90 counter-clockwise: turn clockwise
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # transversed
+    8: lambda a: np.rot90(a, 1),  # stored rotated 90 clockwise: turn counter-clockwise
+}
+
+
+def _exif_orientation(img):
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # a malformed EXIF block is not a reason to refuse the pixels
+        return 1
+    return value if value in _ORIENT else 1
+
+
 def _read_header(path):
-    """(format, (H, W), text chunks) from the header alone, or (None, None, {}) if PIL cannot identify it."""
+    """(format, (H, W), text chunks, EXIF orientation) from the header alone, or (None, None, {}, 1)
+    if PIL cannot identify it."""
     try:
         with _pil_without_bomb_limit(), Image.open(path) as img:
             text = {str(k): str(v) for k, v in img.info.items() if isinstance(v, str)} if img.format == 'PNG' else {}
-            return img.format, (img.height, img.width), text
+            return img.format, (img.height, img.width), text, _exif_orientation(img)
     except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error):
         # PIL does not know every format OpenCV decodes (and vice versa); the decoder decides
-        return None, None, {}
+        return None, None, {}, 1
 
 
 def _check_pixels(path, size, max_pixels):
@@ -109,7 +135,7 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
 
     Returns:
         (img, info): img (H, W, 3) float32 in [0, 1], RGB (grey images repeated over three
-        channels, alpha removed); info an :class:`ImageInfo`.
+        channels, alpha removed), turned upright by the EXIF orientation; info an :class:`ImageInfo`.
 
     Raises:
         ImageReadError naming the file: missing, a folder, empty, not an image, truncated or
@@ -128,7 +154,7 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     if not data:
         raise ImageReadError(f'{path}: empty file')
 
-    file_format, size, text = _read_header(path)
+    file_format, size, text, orientation = _read_header(path)
     if size is not None:
         _check_pixels(path, size, max_pixels)
     if data.startswith(_PNG_SIGNATURE) and b'IEND' not in data[-64:]:
@@ -145,6 +171,8 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     if img.dtype not in _MAX_VALUE:
         raise ImageReadError(f'{path}: unsupported sample type {img.dtype} (8- and 16-bit integer images are read)')
     bit_depth = 8 if img.dtype == np.uint8 else 16
+    if orientation != 1:
+        img = _ORIENT[orientation](img)
 
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
@@ -162,7 +190,8 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     else:
         raise ImageReadError(f'{path}: unsupported channel layout {img.shape} (expected grey, RGB or RGBA)')
     rgb = np.ascontiguousarray(rgb).astype(np.float32) / _MAX_VALUE[img.dtype]
-    info = ImageInfo(path=path, mode=mode, bit_depth=bit_depth, size=tuple(img.shape[:2]), alpha=alpha, text=text)
+    info = ImageInfo(path=path, mode=mode, bit_depth=bit_depth, size=tuple(img.shape[:2]), alpha=alpha, text=text,
+                     orientation=orientation)
     return rgb, info
 
 
