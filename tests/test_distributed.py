@@ -106,7 +106,8 @@ def torchrun(script, script_args, nproc, timeout, cwd):
 
 @pytest.fixture(scope='module')
 def ddp_run(tmp_path_factory, demo):
-    """6 iterations on 2 processes; discriminator from iteration 3; a NaN batch on process 1 at iteration 2."""
+    """6 iterations on 2 processes; discriminator from iteration 3; a NaN batch on process 1 at iteration 2;
+    dead-code restarts every 4 (counted) steps."""
     root = tmp_path_factory.mktemp('ddp')
     driver = root / 'rank_driver.py'
     driver.write_text(RANK_DRIVER, encoding='utf-8')
@@ -114,7 +115,7 @@ def ddp_run(tmp_path_factory, demo):
             f'datasets:val:dataroot_gt={demo}/val', 'datasets:train:gt_size=32', 'datasets:train:batch_size_per_gpu=2',
             'network_g:ch_mult=[1,1,1,1,1]', 'network_d:ndf=8', 'val=~', 'logger:pbar=false', 'logger:print_freq=1',
             'logger:save_checkpoint_freq=3', 'train:total_iter=6', 'train:vqgan_loss_opt:disc_start=3',
-            'train:max_bad_steps=3']
+            'train:max_bad_steps=3', 'train:codebook_restart_every=4']
     returncode, output = torchrun(str(driver), [str(root), json.dumps({'1': [2]}), *argv], nproc=2, timeout=150,
                                   cwd=root)
     assert returncode == 0, output[-3000:]
@@ -166,3 +167,7 @@ def test_only_process_zero_writes(ddp_run):
     assert sorted(os.listdir(osp.join(exp, 'training_states'))) == ['3.state', '6.state']
     state = load_checkpoint(osp.join(exp, 'training_states', '6.state'))
     assert state['iter'] == 6 and state['networks'] == ['net_g', 'net_d']
+    # restart counts of the partial interval, summed over both processes: steps 1, 3, 4, 5 made an
+    # interval (2 was skipped), step 6 began the next: 1 step x 2 processes x 2 images x 2x2 codes
+    restart = state['codebook_restart']
+    assert restart['iterations'] == 1 and int(restart['hits'].sum()) == 16

@@ -142,6 +142,34 @@ def test_dead_codes_restart_at_encoder_outputs():
         DeadCodeRestart(quantizer, interval=0)
 
 
+def test_restart_counts_survive_a_resume(tmp_path):
+    torch.manual_seed(0)
+    opt = make_opt(tmp_path)
+    opt['train']['codebook_restart_every'] = 4
+    model = build_model(opt)
+    gt = photo((32, 32))
+    for it in range(1, 7):  # one check at 4, then 2 iterations of the next interval
+        model.feed_data({'gt': gt})
+        model.optimize_parameters(it)
+    model.save(0, 6)
+    state = torch.load(str(tmp_path / 'training_states' / '6.state'), weights_only=True)
+    saved = state['codebook_restart']
+    assert saved['iterations'] == 2 and saved['hits'].sum().item() == 2 * 8 * 8  # 2 steps x 8x8 positions
+    assert torch.equal(saved['hits'], model.code_restart.hits)
+
+    resumed = build_model(opt)
+    resumed.resume_training(state)
+    assert resumed.code_restart.iterations == 2 and torch.equal(resumed.code_restart.hits, saved['hits'])
+    # so the next check comes at iteration 8, as without the interruption: a code used only in
+    # iterations 5-6 is not restarted
+    z = torch.randn(1, 16, 2, 2)
+    kept = int(saved['hits'].nonzero()[0])
+    before = resumed.code_restart.quantizer.embedding.weight[kept].clone()
+    assert resumed.code_restart.update(z, torch.full((4, ), (kept + 1) % 64)) == 0
+    assert resumed.code_restart.update(z, torch.full((4, ), (kept + 1) % 64)) > 0
+    assert torch.equal(resumed.code_restart.quantizer.embedding.weight[kept], before)
+
+
 def test_codebook_restarts_keep_more_codes_in_use(tmp_path):
     """Trained from scratch, the tiny VQGAN leaves most codes unused; restarts bring them into use."""
     gt = torch.cat([photo((32, 32), name) for name in ('astronaut', 'coffee', 'chelsea', 'rocket')])

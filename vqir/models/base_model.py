@@ -216,6 +216,7 @@ class VQIRBaseModel(BaseModel):
             'networks': list(self.saved_networks),
             'grad_scalers': OrderedDict((name, scaler.state_dict()) for name, scaler in self.grad_scalers.items()),
         }
+        state.update(self.extra_training_state())
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     def resume_training(self, resume_state):
@@ -228,10 +229,18 @@ class VQIRBaseModel(BaseModel):
             scheduler.load_state_dict(state)
         if 'rng' in resume_state:
             set_rng_state(resume_state['rng'])
+        self.resume_extra_training_state(resume_state)
         for name, state in (resume_state.get('grad_scalers') or {}).items():
             scaler = self.grad_scaler(name)
             if scaler is not None:  # a run resumed in another precision starts without loss scaling
                 scaler.load_state_dict(state)
+
+    def extra_training_state(self):
+        """What a subclass adds to the training state (plain values and tensors); called on process 0."""
+        return {}
+
+    def resume_extra_training_state(self, resume_state):
+        """Take back what ``extra_training_state`` wrote (absent in older states)."""
 
     # ------------------------------------------------------------------ safe optimisation steps
     def losses_are_finite(self, loss_dict):

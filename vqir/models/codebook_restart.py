@@ -9,8 +9,9 @@ chose since the last check is replaced by an encoder output of the current batch
 random, so it starts where the data are.
 
 Under DDP the hit counts are summed over processes and process 0's choice is broadcast, so all
-replicas keep one codebook. The counts of a partial interval are not part of a resume state:
-after a resume the first check comes one full interval later.
+replicas keep one codebook. The counts of a partial interval are part of the training state
+(``state_dict`` sums them over processes; after a resume process 0 holds the sum, the others
+start from zero), so a resumed run checks at the same iterations as an uninterrupted one.
 """
 import torch
 from torch import distributed as dist
@@ -63,3 +64,27 @@ class DeadCodeRestart:
         if is_distributed():
             dist.broadcast(weight, src=0)
         return int(dead.numel())
+
+    @torch.no_grad()
+    def state_dict(self):
+        """The partial interval: ``{'iterations', 'hits'}`` (hits summed over processes, on the CPU, or
+        None). Under DDP every process must call it (the sum is a collective operation)."""
+        hits = self.hits
+        if is_distributed():
+            hits = torch.zeros_like(self.quantizer.embedding.weight[:, 0], dtype=torch.long) if hits is None else hits
+            hits = hits.clone()
+            dist.all_reduce(hits)
+        return {'iterations': self.iterations, 'hits': None if hits is None else hits.cpu()}
+
+    def load_state_dict(self, state):
+        """Continue a partial interval; only process 0 takes the (summed) counts."""
+        self.iterations = int(state['iterations'])
+        hits = state['hits']
+        if hits is not None and hits.numel() != self.quantizer.embedding.weight.shape[0]:
+            raise ValueError(f'codebook restart state counts {hits.numel()} codes, the codebook has '
+                             f'{self.quantizer.embedding.weight.shape[0]}')
+        if hits is not None:
+            hits = hits.to(self.quantizer.embedding.weight.device)
+            if is_distributed() and dist.get_rank() != 0:
+                hits = torch.zeros_like(hits)
+        self.hits = hits

@@ -138,6 +138,21 @@ class VQGANModel(VQIRBaseModel):
         if restart_every:
             self.code_restart = DeadCodeRestart(self.get_bare_model(self.net_g).quantize, restart_every)
 
+    def save(self, epoch, current_iter):
+        # the restart counts are summed over processes here, where every process takes part
+        restart = getattr(self, 'code_restart', None)
+        self._code_restart_state = restart.state_dict() if restart is not None else None
+        super().save(epoch, current_iter)
+
+    def extra_training_state(self):
+        if getattr(self, '_code_restart_state', None) is None:
+            return {}
+        return {'codebook_restart': self._code_restart_state}
+
+    def resume_extra_training_state(self, resume_state):
+        if self.code_restart is not None and resume_state.get('codebook_restart') is not None:
+            self.code_restart.load_state_dict(resume_state['codebook_restart'])
+
     def load_discriminator(self):
         """``path.pretrain_network_d``: our ``net_d_*.pth`` or the discriminator inside a taming ``.ckpt``."""
         path_opt = self.opt['path']
