@@ -14,7 +14,6 @@
 The stage-0 runs use the tiny config with a smaller network still (``ch_mult`` of ones, 32-pixel
 crops), so that each iteration takes a fraction of a second on a CPU.
 """
-import csv
 import glob
 import json
 import os
@@ -37,6 +36,8 @@ from vqir.train_pipeline import main as train_main
 from vqir.train_pipeline import train_pipeline
 from vqir.utils.checkpoint import load_checkpoint, load_state_dict, save_state_dict
 
+from stage_helpers import read_csv
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STAGE0_YML = osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml')
 STAGE1_YML = osp.join(ROOT, 'options', 'train', 'stage1_ifrm_tiny.yml')
@@ -52,11 +53,6 @@ def stage0_argv(demo, *force, extra=()):
             f'datasets:val:dataroot_gt={demo}/val', 'datasets:train:gt_size=32', 'datasets:train:batch_size_per_gpu=2',
             'network_g:ch_mult=[1,1,1,1,1]', 'network_d:ndf=8', 'val=~', 'logger:pbar=false', 'logger:print_freq=1',
             *force]
-
-
-def read_csv(path):
-    with open(path, newline='', encoding='utf-8') as f:
-        return list(csv.DictReader(f))
 
 
 def read_log(exp):

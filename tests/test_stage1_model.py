@@ -1,7 +1,6 @@
 """Stage 1 (VQIRModel): only the IFRM learns, the VQGAN stays frozen and in eval mode, the
 losses go down, the weights load from every supported source, and the train and test
 pipelines write checkpoints, images and metrics."""
-import csv
 import os
 
 import cv2
@@ -10,10 +9,7 @@ import pytest
 import torch
 import yaml
 from basicsr.archs import build_network
-from basicsr.data import build_dataset
 from basicsr.models import build_model
-from skimage import data as skdata
-from torch.utils.data import default_collate
 
 from vqir.models.rescaling_base import VQGAN_PARTS
 from vqir.test_pipeline import test_pipeline as run_test_pipeline
@@ -21,27 +17,14 @@ from vqir.train_pipeline import train_pipeline
 from vqir.utils.checkpoint import CheckpointError
 from vqir.utils.options import parse_options
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from stage_helpers import ROOT, VAL_PHOTOS, changed, fixed_batch, photo_folders, read_csv, snapshot, train_steps
+
 TINY_YML = os.path.join(ROOT, 'options', 'train', 'stage1_ifrm_tiny.yml')
-TRAIN_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
-# (name, (height, width)): sides that are not all multiples of 16 (padding), LR sides >= 11 (SSIM window)
-VAL_PHOTOS = (('astronaut', (184, 200)), ('coffee', (176, 216)))
-
-
-def write_photos(folder, photos):
-    os.makedirs(folder, exist_ok=True)
-    for name, (height, width) in photos:
-        rgb = cv2.resize(getattr(skdata, name)(), (width, height), interpolation=cv2.INTER_AREA)
-        cv2.imwrite(os.path.join(folder, f'{name}.png'), rgb[..., ::-1])
-    return folder
 
 
 @pytest.fixture(scope='module')
 def photo_dirs(tmp_path_factory):
-    base = tmp_path_factory.mktemp('photos')
-    train = write_photos(str(base / 'train'), [(name, (96, 96)) for name in TRAIN_PHOTOS])
-    val = write_photos(str(base / 'val'), VAL_PHOTOS)
-    return train, val
+    return photo_folders(str(tmp_path_factory.mktemp('photos')))
 
 
 def tiny_options(root, photo_dirs, *overrides, is_train=True):
@@ -52,21 +35,12 @@ def tiny_options(root, photo_dirs, *overrides, is_train=True):
     return opt
 
 
-def fixed_batch(opt, size=2):
-    dataset = build_dataset(opt['datasets']['train'])
-    return default_collate([dataset[i] for i in range(size)])
-
-
-def parameters_of(net, parts):
-    return {k: v.detach().clone() for k, v in net.named_parameters() if k.split('.')[0] in parts}
-
-
 def test_training_improves_only_the_ifrm(tmp_path, photo_dirs):
     opt = tiny_options(tmp_path, photo_dirs)
     model = build_model(opt)
     net = model.bare_net
-    frozen_before = parameters_of(net, VQGAN_PARTS)
-    ifrm_before = parameters_of(net, ('icrm', ))
+    frozen_before = snapshot(net, VQGAN_PARTS)
+    ifrm_before = snapshot(net, ('icrm', ))
     assert set(k.split('.')[0] for k, _ in net.named_children()) == set(VQGAN_PARTS) | {'icrm'}
 
     # the optimiser holds exactly the IFRM's trainable parameters
@@ -74,24 +48,19 @@ def test_training_improves_only_the_ifrm(tmp_path, photo_dirs):
     assert optimised == {id(p) for p in net.icrm.parameters() if p.requires_grad}
 
     batch = fixed_batch(opt)
-    logs = []
-    for it in range(1, 31):
-        model.feed_data(batch)
-        model.optimize_parameters(it)
-        logs.append(dict(model.log_dict))
+    logs = train_steps(model, batch, 30)
     assert list(logs[0]) == ['l_guide', 'l_feature', 'l_gram', 'l_total']
     first, last = logs[0]['l_feature'], np.mean([log['l_feature'] for log in logs[-5:]])
     # measured: 7.0e-2 at iteration 1 -> 8.9e-4 over iterations 26-30 (a factor of about 80)
     assert last < first / 20, f'feature loss {first:.3e} -> {last:.3e}'
     assert np.mean([log['l_guide'] for log in logs[-5:]]) < logs[0]['l_guide']
 
-    for key, value in parameters_of(net, VQGAN_PARTS).items():
+    for key, value in snapshot(net, VQGAN_PARTS).items():
         assert torch.equal(value, frozen_before[key]), f'frozen {key} changed'
     for name, param in net.named_parameters():
         if name.split('.')[0] in VQGAN_PARTS:
             assert not param.requires_grad and param.grad is None, name
-    changed = [k for k, v in parameters_of(net, ('icrm', )).items() if not torch.equal(v, ifrm_before[k])]
-    assert len(changed) > 0.9 * len(ifrm_before)
+    assert len(changed(ifrm_before, net)) > 0.9 * len(ifrm_before)
 
     # frozen parts stay in eval mode whatever train() is asked
     model.net_g.train()
@@ -150,11 +119,6 @@ def test_network_block_names_and_stage(tmp_path, photo_dirs):
     opt = tiny_options(tmp_path, photo_dirs, 'network_g:stage=2', 'network_g:attn_mult=[1, 1]')
     with pytest.raises(ValueError, match='stage 1'):
         build_model(opt)
-
-
-def read_csv(path):
-    with open(path, newline='', encoding='utf-8') as f:
-        return list(csv.DictReader(f))
 
 
 def test_train_and_test_pipelines(tmp_path, photo_dirs):
@@ -227,11 +191,7 @@ def test_mixed_precision_keeps_the_ifrm_in_float32(tmp_path, photo_dirs):
         encoded_bf16 = net.quant_conv(net.encoder(x))
     assert encoded_bf16.dtype == torch.bfloat16
 
-    logs = []
-    for it in range(1, 31):
-        model.feed_data(batch)
-        model.optimize_parameters(it)
-        logs.append(dict(model.log_dict))
+    logs = train_steps(model, batch, 30)
     first, last = logs[0]['l_feature'], np.mean([log['l_feature'] for log in logs[-5:]])
     # measured: 7.0e-2 -> 8.9e-4, as in float32 (the codebook picks the same codes)
     assert last < first / 20, f'feature loss {first:.3e} -> {last:.3e}'
@@ -255,14 +215,10 @@ def test_fp16_training_scales_the_loss_and_resumes_the_scale(tmp_path, photo_dir
     model = build_model(opt)
     overflow_first_gradients(model.params_g[0], 3)
     batch = fixed_batch(opt)
-    logs = []
-    for it in range(1, 21):
-        model.feed_data(batch)
-        model.optimize_parameters(it)
-        logs.append(dict(model.log_dict))
-        if it == 3:
-            assert model.grad_scalers['icrm'].get_scale() == 2.**16 / 8  # halved at each overflow
-            assert model._bad_steps == 0  # the scaler finding its scale is not a bad step
+    logs = train_steps(model, batch, 3)
+    assert model.grad_scalers['icrm'].get_scale() == 2.**16 / 8  # halved at each overflow
+    assert model._bad_steps == 0  # the scaler finding its scale is not a bad step
+    logs += train_steps(model, batch, 17, first=4)
     scaler = model.grad_scalers['icrm']
     assert [bool(log) for log in logs] == [False] * 3 + [True] * 17  # overflowed steps are skipped
     assert logs[-1]['l_feature'] < logs[3]['l_feature'] / 5

@@ -1,7 +1,6 @@
 """Stage 2 (VQIRRFModel): only the MSRM and the discriminator learn, VQGAN and IFRM come from the
 stage-1 checkpoint and never change, the losses go down, the GAN schedule and both LPIPS paths
 work, and the train and test pipelines write checkpoints, images per level and metrics."""
-import csv
 import os
 
 import cv2
@@ -10,10 +9,7 @@ import pytest
 import torch
 import yaml
 from basicsr.archs import build_network
-from basicsr.data import build_dataset
 from basicsr.models import build_model
-from skimage import data as skdata
-from torch.utils.data import default_collate
 
 from vqir.test_pipeline import test_pipeline as run_test_pipeline
 from vqir.train_pipeline import train_pipeline
@@ -21,29 +17,18 @@ from vqir.utils.checkpoint import CheckpointError
 from vqir.utils.lpips_weights import LPIPSWeightsNotFoundError
 from vqir.utils.options import parse_options
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from stage_helpers import ROOT, VAL_PHOTOS, changed, fixed_batch, photo_folders, read_csv, snapshot, train_steps
+
 TINY_YML = os.path.join(ROOT, 'options', 'train', 'stage2_msrm_tiny.yml')
 STAGE1_TINY_YML = os.path.join(ROOT, 'options', 'train', 'stage1_ifrm_tiny.yml')
 FROZEN_PARTS = ('encoder', 'decoder', 'quantize', 'quant_conv', 'post_quant_conv', 'icrm')
-TRAIN_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
-# sides that are not all multiples of 16 (padding), LR sides >= 11 (SSIM window)
-VAL_PHOTOS = (('astronaut', (184, 200)), ('coffee', (176, 216)))
-
-
-def write_photos(folder, photos):
-    os.makedirs(folder, exist_ok=True)
-    for name, (height, width) in photos:
-        rgb = cv2.resize(getattr(skdata, name)(), (width, height), interpolation=cv2.INTER_AREA)
-        cv2.imwrite(os.path.join(folder, f'{name}.png'), rgb[..., ::-1])
-    return folder
 
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     """Photo folders and a stage-1 checkpoint (our format) of the tiny network."""
     base = tmp_path_factory.mktemp('stage2')
-    train = write_photos(str(base / 'train'), [(name, (96, 96)) for name in TRAIN_PHOTOS])
-    val = write_photos(str(base / 'val'), VAL_PHOTOS)
+    train, val = photo_folders(str(base))
     with open(STAGE1_TINY_YML, encoding='utf-8') as f:
         stage1_net_opt = yaml.safe_load(f)['network_g']
     torch.manual_seed(7)
@@ -60,20 +45,6 @@ def tiny_options(root, setup, *overrides, is_train=True):
     return opt
 
 
-def fixed_batch(opt, size=2):
-    dataset = build_dataset(opt['datasets']['train'])
-    return default_collate([dataset[i] for i in range(size)])
-
-
-def snapshot(net, parts=None):
-    return {k: v.detach().clone() for k, v in net.named_parameters() if parts is None or k.split('.')[0] in parts}
-
-
-def changed(before, net):
-    now = dict(net.named_parameters())
-    return [k for k, v in before.items() if not torch.equal(v, now[k])]
-
-
 def test_training_refines_only_the_msrm(tmp_path, setup):
     opt = tiny_options(tmp_path, setup, 'train:perceptual_opt:loss_weight=0', 'train:gan_start_iter=0')
     model = build_model(opt)
@@ -87,11 +58,7 @@ def test_training_refines_only_the_msrm(tmp_path, setup):
     assert optimised == {id(p) for p in net.refine.parameters() if p.requires_grad}
 
     batch = fixed_batch(opt)
-    logs = []
-    for it in range(1, 26):
-        model.feed_data(batch)
-        model.optimize_parameters(it)
-        logs.append(dict(model.log_dict))
+    logs = train_steps(model, batch, 25)
     assert list(logs[0]) == ['l_pix', 'l_edge', 'l_g_gan', 'l_g_total', 'l_d_real', 'l_d_fake', 'l_d']
     first, last = logs[0]['l_pix'], np.mean([log['l_pix'] for log in logs[-5:]])
     # measured: L1 summed over the three levels 1.14 at iteration 1 -> 0.79 over iterations 21-25 (x0.70)
@@ -151,11 +118,7 @@ def test_bf16_training_with_every_loss(tmp_path, setup):
     net, net_d = model.bare_net, model.get_bare_model(model.net_d)
     d_before = snapshot(net_d)
     batch = fixed_batch(opt)
-    logs = []
-    for it in range(1, 16):
-        model.feed_data(batch)
-        model.optimize_parameters(it)
-        logs.append(dict(model.log_dict))
+    logs = train_steps(model, batch, 15)
     assert all(log and all(np.isfinite(v) for v in log.values()) for log in logs)
     assert all(log['l_percep'] > 0 and log['l_d'] != 0 for log in logs)
     first, last = logs[0]['l_pix'], np.mean([log['l_pix'] for log in logs[-3:]])
@@ -192,11 +155,6 @@ def test_checkpoints_must_fit(tmp_path, setup):
     torch.save({'params': state}, broken)
     with pytest.raises(CheckpointError, match=dropped.replace('.', r'\.')):
         build_model(tiny_options(tmp_path, setup, f'path:pretrain_network_g={broken}'))
-
-
-def read_csv(path):
-    with open(path, newline='', encoding='utf-8') as f:
-        return list(csv.DictReader(f))
 
 
 def test_train_and_test_pipelines(tmp_path, setup):

@@ -1,7 +1,6 @@
 """End-to-end tests of the training and test loops (``vqir.train_pipeline`` / ``vqir.test_pipeline``)
 on the tiny stage-0 config: what a run writes, auto-resume from another directory, a resumed run
 following the uninterrupted one, ``--debug``, clear option errors, and the CLI's error line."""
-import csv
 import glob
 import os
 import re
@@ -17,6 +16,8 @@ from skimage import data as skdata
 from vqir.test_pipeline import test_pipeline as run_test_pipeline
 from vqir.train_pipeline import train_pipeline
 from vqir.utils.options import OptionsError
+
+from stage_helpers import read_csv
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TRAIN_YML = osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml')
@@ -60,11 +61,6 @@ def train_argv(data_dirs, *force, yml=TRAIN_YML, extra=()):
 def read_text(path):
     with open(path, encoding='utf-8') as f:
         return f.read()
-
-
-def read_csv(path):
-    with open(path, newline='', encoding='utf-8') as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope='module')

@@ -1,0 +1,63 @@
+"""What the stage tests share: photo folders from scikit-image, fixed batches, a few training
+steps with their logs, parameter snapshots and the CSVs that training and testing write."""
+import csv
+import os
+
+import cv2
+import torch
+from basicsr.data import build_dataset
+from skimage import data as skdata
+from torch.utils.data import default_collate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
+# (name, (height, width)): sides that are not all multiples of 16 (padding), LR sides >= 11 (SSIM window)
+VAL_PHOTOS = (('astronaut', (184, 200)), ('coffee', (176, 216)))
+
+
+def write_photos(folder, photos):
+    """Resized scikit-image photos as PNGs: ``photos`` is [(name, (height, width))]."""
+    os.makedirs(folder, exist_ok=True)
+    for name, (height, width) in photos:
+        rgb = cv2.resize(getattr(skdata, name)(), (width, height), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(os.path.join(folder, f'{name}.png'), rgb[..., ::-1])
+    return folder
+
+
+def photo_folders(base):
+    """(train, val) folders under ``base``: the training photos at 96x96, the validation photos."""
+    train = write_photos(os.path.join(base, 'train'), [(name, (96, 96)) for name in TRAIN_PHOTOS])
+    return train, write_photos(os.path.join(base, 'val'), VAL_PHOTOS)
+
+
+def fixed_batch(opt, size=2):
+    """The first ``size`` samples of the options' training set, collated."""
+    dataset = build_dataset(opt['datasets']['train'])
+    return default_collate([dataset[i] for i in range(size)])
+
+
+def train_steps(model, batch, iterations, first=1):
+    """Run ``optimize_parameters`` on one batch for ``iterations`` iterations numbered from ``first``;
+    the logs of each step."""
+    logs = []
+    for it in range(first, first + iterations):
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+        logs.append(dict(model.log_dict))
+    return logs
+
+
+def snapshot(net, parts=None):
+    """Copies of the parameters (of the top-level ``parts`` only, if given)."""
+    return {k: v.detach().clone() for k, v in net.named_parameters() if parts is None or k.split('.')[0] in parts}
+
+
+def changed(before, net):
+    """Names of the parameters of ``net`` that differ from the ``snapshot`` ``before``."""
+    now = dict(net.named_parameters())
+    return [k for k, v in before.items() if not torch.equal(v, now[k])]
+
+
+def read_csv(path):
+    with open(path, newline='', encoding='utf-8') as f:
+        return list(csv.DictReader(f))
