@@ -1,4 +1,4 @@
-"""`python vqir/test.py -opt options/test/<file>.yml` (see README for --auto_resume, --launcher, --force_yml).
+"""`python vqir/test.py -opt options/test/<file>.yml` (see README for --launcher and --force_yml).
 
 Multi-GPU / multi-process: `torchrun --nproc_per_node=N vqir/test.py -opt <file>.yml --launcher pytorch`.
 """
