@@ -4,35 +4,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from basicsr.utils.registry import ARCH_REGISTRY
-from skimage import data as skdata
 from torch import nn
 
 from vqir.inference import Rescaler, _span_starts, official_network_options
 
-TINY = dict(in_channels=3, out_channels=3, ch=64, ch_mult=[1, 1, 1, 1, 1], double_z=False, num_res_blocks=1,
-            z_channels=64, n_embed=64, embed_dim=64)
-
-
-def tiny_vqir(stage=2, ir_scale=16, seed=0):
-    torch.manual_seed(seed)
-    extra = {'attn_mult': [1, 1]} if stage == 2 else {}
-    return ARCH_REGISTRY.get('VQIR')(stage=stage, ir_scale=ir_scale, **TINY, **extra).eval()
-
+from helpers import on_8bit_grid, photo, tiny_vqir
 
 @pytest.fixture(scope='module')
 def net16():
     return tiny_vqir()
-
-
-def photo(height, width):
-    """A natural RGB image (the astronaut photo, area-resized) as (1, 3, H, W) in [0, 1]."""
-    img = torch.from_numpy(skdata.astronaut()).permute(2, 0, 1)[None].float() / 255.
-    return F.interpolate(img, size=(height, width), mode='area')
-
-
-def on_8bit_grid(img):
-    return torch.equal(img * 255., torch.round(img * 255.))
 
 
 def from_network(x):

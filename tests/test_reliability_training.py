@@ -36,7 +36,7 @@ from vqir.train_pipeline import main as train_main
 from vqir.train_pipeline import train_pipeline
 from vqir.utils.checkpoint import load_checkpoint, load_state_dict, save_state_dict
 
-from stage_helpers import read_csv
+from helpers import read_csv
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STAGE0_YML = osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml')

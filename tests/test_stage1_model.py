@@ -17,7 +17,7 @@ from vqir.train_pipeline import train_pipeline
 from vqir.utils.checkpoint import CheckpointError
 from vqir.utils.options import parse_options
 
-from stage_helpers import ROOT, VAL_PHOTOS, changed, fixed_batch, photo_folders, read_csv, snapshot, train_steps
+from helpers import ROOT, VAL_PHOTOS, changed, fixed_batch, photo_folders, read_csv, snapshot, train_steps
 
 TINY_YML = os.path.join(ROOT, 'options', 'train', 'stage1_ifrm_tiny.yml')
 

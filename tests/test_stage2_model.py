@@ -17,7 +17,7 @@ from vqir.utils.checkpoint import CheckpointError
 from vqir.utils.lpips_weights import LPIPSWeightsNotFoundError
 from vqir.utils.options import parse_options
 
-from stage_helpers import ROOT, VAL_PHOTOS, changed, fixed_batch, photo_folders, read_csv, snapshot, train_steps
+from helpers import ROOT, VAL_PHOTOS, changed, fixed_batch, photo_folders, read_csv, snapshot, train_steps
 
 TINY_YML = os.path.join(ROOT, 'options', 'train', 'stage2_msrm_tiny.yml')
 STAGE1_TINY_YML = os.path.join(ROOT, 'options', 'train', 'stage1_ifrm_tiny.yml')

@@ -17,7 +17,7 @@ from vqir.test_pipeline import test_pipeline as run_test_pipeline
 from vqir.train_pipeline import train_pipeline
 from vqir.utils.options import OptionsError
 
-from stage_helpers import read_csv
+from helpers import read_csv
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TRAIN_YML = osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml')

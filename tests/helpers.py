@@ -1,11 +1,14 @@
-"""What the stage tests share: photo folders from scikit-image, fixed batches, a few training
-steps with their logs, parameter snapshots and the CSVs that training and testing write."""
+"""What several test files share: scikit-image photos (as tensors and as folders of PNGs), a tiny
+VQIR, fixed batches, a few training steps with their logs, parameter snapshots and the CSVs that
+training and testing write."""
 import csv
 import os
 
 import cv2
 import torch
+import torch.nn.functional as F
 from basicsr.data import build_dataset
+from basicsr.utils.registry import ARCH_REGISTRY
 from skimage import data as skdata
 from torch.utils.data import default_collate
 
@@ -13,6 +16,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
 # (name, (height, width)): sides that are not all multiples of 16 (padding), LR sides >= 11 (SSIM window)
 VAL_PHOTOS = (('astronaut', (184, 200)), ('coffee', (176, 216)))
+# a VQIR with every part of the released one, small enough for tests
+TINY_VQIR = dict(in_channels=3, out_channels=3, ch=64, ch_mult=[1, 1, 1, 1, 1], double_z=False, num_res_blocks=1,
+                 z_channels=64, n_embed=64, embed_dim=64)
+
+
+def tiny_vqir(stage=2, ir_scale=16, seed=0):
+    """The tiny VQIR with random weights (seeded), in eval mode."""
+    torch.manual_seed(seed)
+    extra = {'attn_mult': [1, 1]} if stage == 2 else {}
+    return ARCH_REGISTRY.get('VQIR')(stage=stage, ir_scale=ir_scale, **TINY_VQIR, **extra).eval()
+
+
+def photo(height, width):
+    """A natural RGB image (the astronaut photo, area-resized) as (1, 3, H, W) in [0, 1]."""
+    img = torch.from_numpy(skdata.astronaut()).permute(2, 0, 1)[None].float() / 255.
+    return F.interpolate(img, size=(height, width), mode='area')
+
+
+def on_8bit_grid(img):
+    return torch.equal(img * 255., torch.round(img * 255.))
 
 
 def write_photos(folder, photos):
