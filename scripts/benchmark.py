@@ -74,10 +74,11 @@ keep glibc's defaults as ``vqir-rescale`` and ``test.py`` do. ``--malloc vqir`` 
 in every case, ``--malloc default`` nowhere. In the ``ref_*`` cases both implementations run in
 one process, so the same setting applies to both.
 
-Flags that the project does not support itself are applied by this script with torch's generic
-mechanisms and reported as such: ``--channels-last`` converts our network with
-``Module.to(memory_format=torch.channels_last)`` (its inputs follow); ``--compile`` calls
-``Module.compile()`` on our encoder, decoder, IFRM and MSRM. ``--dtype bf16/fp16`` uses the
+Two flags work through torch's generic mechanisms and are reported as such: ``--channels-last``
+(no project option) converts our network with ``Module.to(memory_format=torch.channels_last)``
+(its inputs follow); ``--compile`` calls ``Module.compile()`` on the parts that the project's own
+``Rescaler(compile=True)`` compiles (VQGAN encoder and decoder, MSRM), so that the plain forwards
+and the training steps run them compiled too. ``--dtype bf16/fp16`` uses the
 Rescaler's own ``bf16`` / ``half`` options (training and plain forwards run under
 ``torch.autocast``). None of these flags touches the reference, which always runs as published
 (float32, NCHW), so that a comparison shows both the speed and the output difference they cause.
@@ -137,6 +138,8 @@ MAIN_OPS = ('down', 'up', 'roundtrip', 'train1', 'train2', 'precision')
 REFERENCE_OPS = ('ref_forward', 'ref_train', 'ref_memory')
 TRAINING_OPS = ('train1', 'train2', 'ref_train')
 MEMORY_VARIANTS = ('ours', 'ours_plain', 'ref', 'ref_tiled')
+# what --compile compiles: the parts that Rescaler(compile=True) compiles
+COMPILED_PARTS = ('encoder', 'decoder', 'refine')
 OP_ALIASES = {'train': ('train1', 'train2')}
 
 # A tiny network with the same structure (every part, both MSRM branches) for --smoke.
@@ -429,7 +432,7 @@ def apply_our_flags(net, spec, device):
         net.to(memory_format=torch.channels_last)
     compiled = []
     if spec['compile']:
-        for name in ('encoder', 'decoder', 'icrm', 'refine'):
+        for name in COMPILED_PARTS:
             module = getattr(net, name, None)
             if module is not None:
                 module.compile()
@@ -1425,8 +1428,8 @@ def flag_support():
     support['fp16'] = 'Rescaler(half=True), CUDA only' if 'half' in params else 'not supported by the Rescaler'
     support['channels_last'] = ('no Rescaler/VQIR option: the benchmark applies '
                                 'Module.to(memory_format=torch.channels_last) to our network')
-    support['compile'] = ('no Rescaler/VQIR option: the benchmark calls Module.compile() on our encoder, decoder, '
-                          'icrm and refine')
+    support['compile'] = ('Rescaler(compile=True) compiles the encoder, decoder and refine; the benchmark calls '
+                          'Module.compile() on the same parts, so that plain forwards and training steps use them too')
     return support
 
 
@@ -1462,7 +1465,8 @@ def parse_args(argv=None):
     parser.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), default='fp32',
                         help='autocast precision: bf16 (CPU or CUDA), fp16 (CUDA only)')
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory format for our network')
-    parser.add_argument('--compile', action='store_true', help='Module.compile() our network parts')
+    parser.add_argument('--compile', action='store_true',
+                        help='Module.compile() the parts that Rescaler(compile=True) compiles')
     parser.add_argument('--malloc', choices=('entry', 'vqir', 'default'), default='entry',
                         help="CPU allocator: 'entry' as vqir's entry points set it (training cases keep freed "
                         "memory like train.py, inference cases use glibc's defaults like vqir-rescale and test.py), "

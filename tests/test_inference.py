@@ -315,3 +315,20 @@ def test_tiled_vs_whole_image_on_a_global_network(net16):
         print(f'step across the tile boundary (dim {dim}): {jumps[boundary - 1].item():.4f}; elsewhere: median '
               f'{elsewhere.median().item():.4f}, max {elsewhere.max().item():.4f}')
         assert jumps[boundary - 1] <= elsewhere.max()
+
+
+def test_compiled_parts_give_the_same_outputs(net16):
+    hr = photo(64, 48)
+    lr, outputs = Rescaler(net16, tile=0).roundtrip(hr)
+    # aot_eager captures the graphs as inductor would, without generating code (seconds, not minutes)
+    compiled = Rescaler(net16, tile=0, compile='aot_eager')
+    for part in (compiled._encoder, compiled._decoder, compiled._refine):
+        assert isinstance(part, torch._dynamo.eval_frame.OptimizedModule)
+    lr_compiled, outputs_compiled = compiled.roundtrip(hr)
+    assert torch.equal(lr_compiled, lr)
+    for key, value in outputs.items():
+        assert (outputs_compiled[key] - value).abs().max() <= 1e-5, key
+    # the compiled parts share the network's weights
+    assert compiled._decoder._orig_mod is net16.decoder
+    with pytest.raises(ValueError, match='compile must be'):
+        Rescaler(net16, compile=1)

@@ -66,8 +66,12 @@ from vqir.archs.lr_quantizer import quantize_lr
 from vqir.utils.checkpoint import CheckpointError, load_state_dict, load_weights
 
 __all__ = [
-    'Rescaler', 'NetworkOptionsError', 'official_network_options', 'inspect_vqir_weights', 'DEFAULT_AUTO_TILE_PIXELS'
+    'Rescaler', 'NetworkOptionsError', 'official_network_options', 'inspect_vqir_weights', 'DEFAULT_AUTO_TILE_PIXELS',
+    'INFERENCE_KEYS'
 ]
+
+# The Rescaler keyword arguments that the ``inference:`` block of an options file may set.
+INFERENCE_KEYS = ('tile', 'tile_overlap', 'size_mode', 'half', 'bf16', 'auto_tile_pixels', 'decoder_image', 'compile')
 
 # The reference runs images with fewer pixels than this in one piece.
 DEFAULT_AUTO_TILE_PIXELS = 2048 * 1024
@@ -266,6 +270,10 @@ class Rescaler:
         auto_tile_pixels: the automatic tiling threshold, in pixels of the padded image.
         decoder_image: stage 2 only: also return ``SR``, the VQGAN decoder's own image (it costs
             the decoder's output head and one more full-size output); stage 1 always returns it.
+        compile: run the full-resolution parts (VQGAN encoder and decoder, MSRM) through
+            ``torch.compile`` (True: its default backend, inductor; or a backend's name). The IFRM
+            and the codebook search stay eager. The first image of each new size (or tile size)
+            compiles, for minutes on a CPU; it pays off over many images of one size.
 
     The ``inference:`` block of an options file (``tile``, ``tile_overlap``, ``size_mode``, ...)
     maps onto these keyword arguments.
@@ -286,7 +294,8 @@ class Rescaler:
                  half=False,
                  bf16=False,
                  auto_tile_pixels=DEFAULT_AUTO_TILE_PIXELS,
-                 decoder_image=False):
+                 decoder_image=False,
+                 compile=False):  # noqa: A002  (torch's word for it)
         if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             net = net.module
         missing = [part for part in _NETWORK_PARTS if not hasattr(net, part)]
@@ -338,6 +347,15 @@ class Rescaler:
         self.half = half
         self.bf16 = bf16
         self.net = net.to(self.device) if device is not None else net
+        if not isinstance(compile, (bool, str)):
+            raise ValueError(f'compile must be true, false or a torch.compile backend name, got {compile!r}')
+        self.compile = compile
+        # the full-resolution parts, compiled on request (the same modules: weights stay shared)
+        parts = [net.encoder, net.decoder, getattr(net, 'refine', None)]
+        if compile:
+            backend = 'inductor' if compile is True else compile
+            parts = [None if part is None else torch.compile(part, backend=backend) for part in parts]
+        self._encoder, self._decoder, self._refine = parts
 
     # ------------------------------------------------------------------------------------ construction
     @classmethod
@@ -477,12 +495,12 @@ class Rescaler:
         tiles = self._tiles(*x.shape[-2:])
         if len(tiles) == 1:
             with self._autocast():
-                return net.quant_conv(net.encoder(x)).float()
+                return net.quant_conv(self._encoder(x)).float()
         blender = _Blender(x.shape[-2:], self.tile_overlap)
         for tile in tiles:
             ys, xs = tile.region(1)
             with self._autocast():
-                feat = net.quant_conv(net.encoder(x[:, :, ys, xs]))
+                feat = net.quant_conv(self._encoder(x[:, :, ys, xs]))
             blender.add('feat', tile, feat, VQGAN_FACTOR)
         return blender.result()['feat']
 
@@ -495,10 +513,10 @@ class Rescaler:
 
         def run(feat):
             with self._autocast():
-                sr, dec_feat = net.decoder(net.post_quant_conv(feat), return_feat=True, image=self.decoder_image)
+                sr, dec_feat = self._decoder(net.post_quant_conv(feat), return_feat=True, image=self.decoder_image)
                 outs = OrderedDict()
                 if self.stage == 2:
-                    outs.update(sorted(net.refine(dec_feat).items(), key=lambda kv: int(kv[0].split('_')[1])))
+                    outs.update(sorted(self._refine(dec_feat).items(), key=lambda kv: int(kv[0].split('_')[1])))
                 if sr is not None:
                     outs['SR'] = sr
             return outs

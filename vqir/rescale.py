@@ -18,8 +18,11 @@ The network: ``--weights`` with ``--scale 16|32`` (the released network configur
 scale is checked against the weights, and taken from them when not given), or ``--opt FILE``,
 an options YAML whose ``network_g`` (or ``network_ir``) block describes the network; its
 ``path: pretrain_network_g`` is used when ``--weights`` is not given, its ``network_color`` and
-``inference`` block (tile, tile_overlap, size_mode, half, bf16, auto_tile_pixels) are honoured;
-command-line options take precedence.
+``inference`` block (tile, tile_overlap, size_mode, half, bf16, auto_tile_pixels, compile) are
+honoured; command-line options take precedence. Precision and speed: ``--half`` (fp16, CUDA),
+``--bf16`` (CPU or CUDA), ``--compile`` (``torch.compile``).
+
+Inputs are turned upright by their EXIF orientation before they are rescaled.
 
 Every input is processed even when some fail; each failure is one line ``error: <file>: <problem>``
 on stderr, and the exit status is 1 if any failed. Outputs are written atomically: a failed
@@ -36,7 +39,7 @@ from basicsr.utils.matlab_functions import imresize
 from tqdm import tqdm
 
 from vqir.data.transforms import bicubic_downscale
-from vqir.inference import DEFAULT_TILE_OVERLAP, NetworkOptionsError, Rescaler
+from vqir.inference import DEFAULT_TILE_OVERLAP, INFERENCE_KEYS, NetworkOptionsError, Rescaler
 from vqir.utils.checkpoint import CheckpointError
 from vqir.utils.image_io import (DEFAULT_MAX_PIXELS, ImageInfo, ImageReadError, ImageWriteError, list_images, read_image,
                                  write_image)
@@ -48,7 +51,6 @@ TEXT_SIZE = 'vqir:original_size'
 TEXT_SCALE = 'vqir:ir_scale'
 TEXT_MODE = 'vqir:mode'
 NETWORK_BLOCKS = ('network_g', 'network_ir')
-INFERENCE_KEYS = ('tile', 'tile_overlap', 'size_mode', 'half', 'bf16', 'auto_tile_pixels', 'decoder_image')
 
 
 class UsageError(ValueError):
@@ -80,6 +82,10 @@ def build_parser():
     common.add_argument('--tile-overlap', type=int, metavar='N',
                         help=f'context around tiles in HR pixels, a multiple of 16 (default {DEFAULT_TILE_OVERLAP})')
     common.add_argument('--half', action='store_true', help='fp16 autocast (CUDA only)')
+    common.add_argument('--bf16', action='store_true',
+                        help='bfloat16 autocast (CPU or CUDA; fast on CPUs with AVX-512 BF16 or AMX)')
+    common.add_argument('--compile', action='store_true',
+                        help='torch.compile the VQGAN and the MSRM (the first image of each size compiles for minutes)')
     common.add_argument('--verbose', action='store_true', help='log what is loaded')
 
     down = sub.add_parser('down', parents=[common], help='HR images -> 8-bit LR PNGs',
@@ -156,7 +162,13 @@ def build_rescaler(args):
         kwargs['tile_overlap'] = args.tile_overlap
     if args.command == 'down' and args.mod_crop:
         kwargs['size_mode'] = 'mod_crop'
+    if args.bf16:
+        kwargs['bf16'] = True
+    if args.compile:
+        kwargs['compile'] = True
     half = args.half or bool(kwargs.pop('half', False))
+    if half and kwargs.get('bf16'):
+        raise UsageError('choose one of --half (fp16) and --bf16 (or inference:half / inference:bf16)')
     if half and (args.device == 'cpu' or not torch.cuda.is_available()):
         where = '--half' if args.half else f'{args.opt}: inference:half'
         raise UsageError(f'{where} needs a CUDA device')

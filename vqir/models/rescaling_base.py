@@ -18,7 +18,7 @@ Options read here (besides the base class's):
         may be absent as a whole in training; that is logged. Testing needs every weight.
         ``pretrain_network_ir`` / ``strict_load_ir`` / ``param_key_ir`` are read as aliases when
         the ``_g`` key is not set.
-    inference: {tile, tile_overlap, size_mode, half, bf16}: how ``test()`` runs the network
+    inference: {tile, tile_overlap, size_mode, half, bf16, compile, ...}: how ``test()`` runs the network
         (see :class:`vqir.inference.Rescaler`); default: pad any size, tile only huge images.
     network_color: 'rgb' (default) or 'bgr' (the reference's stage-1 channel order).
 
@@ -33,7 +33,7 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
 from torch import nn
 
-from vqir.inference import Rescaler
+from vqir.inference import INFERENCE_KEYS, Rescaler
 from vqir.models.base_model import VQIRBaseModel
 from vqir.utils.checkpoint import CheckpointError
 
@@ -43,7 +43,6 @@ __all__ = ['RescalingModel', 'VQGAN_PARTS', 'freeze_in_eval', 'PartsView']
 VQGAN_PARTS = ('encoder', 'decoder', 'quantize', 'quant_conv', 'post_quant_conv')
 # Dataset keys that the stages use as targets.
 TARGET_KEYS = ('gt', 'lq', 'gt_level2', 'gt_level4')
-INFERENCE_KEYS = ('tile', 'tile_overlap', 'size_mode', 'half', 'bf16', 'auto_tile_pixels', 'decoder_image')
 
 
 def _train_keeping_eval(module, mode=True):
