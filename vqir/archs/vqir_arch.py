@@ -13,8 +13,9 @@ Upscaling::
 
 Under ``torch.autocast`` (mixed-precision training, half-precision inference) the codebook
 search and the IFRM still run in float32. The VQGAN parts (encoder, quantize, quant_conv,
-post_quant_conv, decoder) always run without gradients. In stage 1 gradients reach only the IFRM; in stage 2 the IFRM also runs without
-gradients and only the refinement module (``refine``) can learn.
+post_quant_conv, decoder) always run without gradients. In stage 1 gradients reach only the
+IFRM; in stage 2 the IFRM also runs without gradients and only the refinement module
+(``refine``) can learn.
 
 Attribute names and state_dict order (encoder, decoder, quantize, quant_conv, post_quant_conv,
 refine in stage 2, icrm) equal the official checkpoints, which therefore load strictly.
@@ -41,13 +42,6 @@ def _build_registered(part_opt, defaults, where):
     for key, value in defaults.items():
         kwargs.setdefault(key, value)
     return ARCH_REGISTRY.get(arch_type)(**kwargs)
-
-
-@contextmanager
-def _ifrm_mode(device_type, grad_enabled):
-    """Autocast off (float32) and gradients on or off, for the IFRM's passes."""
-    with torch.autocast(device_type=device_type, enabled=False), torch.set_grad_enabled(grad_enabled):
-        yield
 
 
 @ARCH_REGISTRY.register()
@@ -172,10 +166,13 @@ class VQIR(nn.Module):
         quant_feat, _, _ = self.quantize(self.quant_conv(self.encoder(x_hr)))
         return quant_feat
 
+    @contextmanager
     def _ifrm_context(self, x):
         """Gradients only in stage 1; float32 even under autocast: the reverse pass undoes the
         forward only to the precision it ran in, and the LR lies on a 1/255 grid."""
-        return _ifrm_mode(x.device.type, torch.is_grad_enabled() and self.stage == 1)
+        grad = torch.is_grad_enabled() and self.stage == 1
+        with torch.autocast(device_type=x.device.type, enabled=False), torch.set_grad_enabled(grad):
+            yield
 
     def _features_to_lr(self, quant_feat, noise):
         """IFRM forward + 8-bit quantisation (float32); without gradients in stage 2."""

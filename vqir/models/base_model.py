@@ -197,14 +197,16 @@ class VQIRBaseModel(BaseModel):
         save_state_dict({param_key: self.get_bare_model(net).state_dict()}, save_path)
 
     def save(self, epoch, current_iter):
+        extra = self.extra_training_state() if current_iter != -1 else {}  # on every process (see there)
         for label, net in self.saved_networks.items():
             self.save_network(net, label, current_iter)
-        self.save_training_state(epoch, current_iter)
+        self.save_training_state(epoch, current_iter, extra)
         barrier()
 
     @master_only
-    def save_training_state(self, epoch, current_iter):
-        """Written after the networks and atomically: a present ``<iter>.state`` is always complete."""
+    def save_training_state(self, epoch, current_iter, extra=None):
+        """Written after the networks and atomically: a present ``<iter>.state`` is always complete.
+        ``extra``: what ``extra_training_state`` gave, added to the state."""
         if current_iter == -1:
             return
         state = {
@@ -216,7 +218,7 @@ class VQIRBaseModel(BaseModel):
             'networks': list(self.saved_networks),
             'grad_scalers': OrderedDict((name, scaler.state_dict()) for name, scaler in self.grad_scalers.items()),
         }
-        state.update(self.extra_training_state())
+        state.update(extra or {})
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     def resume_training(self, resume_state):
@@ -236,7 +238,8 @@ class VQIRBaseModel(BaseModel):
                 scaler.load_state_dict(state)
 
     def extra_training_state(self):
-        """What a subclass adds to the training state (plain values and tensors); called on process 0."""
+        """What a subclass adds to the training state (plain values and tensors). Called on every
+        process when a state is saved, so it may gather over processes; process 0 writes it."""
         return {}
 
     def resume_extra_training_state(self, resume_state):

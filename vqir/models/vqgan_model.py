@@ -98,6 +98,7 @@ class VQGANModel(VQIRBaseModel):
         vqgan.quantize.register_forward_hook(self._remember_quantizer_info)
         self.codebook_usage = None  # a CodebookUsageAccumulator while a validation runs
         self.last_codebook_usage = None
+        self.code_restart = None  # a DeadCodeRestart in training with train.codebook_restart_every
         if self.is_train:
             self.init_training_settings()
 
@@ -134,20 +135,13 @@ class VQGANModel(VQIRBaseModel):
         self.setup_schedulers()
 
         restart_every = self.opt['train'].get('codebook_restart_every')
-        self.code_restart = None
         if restart_every:
             self.code_restart = DeadCodeRestart(self.get_bare_model(self.net_g).quantize, restart_every)
 
-    def save(self, epoch, current_iter):
-        # the restart counts are summed over processes here, where every process takes part
-        restart = getattr(self, 'code_restart', None)
-        self._code_restart_state = restart.state_dict() if restart is not None else None
-        super().save(epoch, current_iter)
-
     def extra_training_state(self):
-        if getattr(self, '_code_restart_state', None) is None:
+        if self.code_restart is None:
             return {}
-        return {'codebook_restart': self._code_restart_state}
+        return {'codebook_restart': self.code_restart.state_dict()}  # sums the counts over processes
 
     def resume_extra_training_state(self, resume_state):
         if self.code_restart is not None and resume_state.get('codebook_restart') is not None:
