@@ -98,6 +98,7 @@ import copy
 import ctypes
 import ctypes.util
 import fnmatch
+import functools
 import gc
 import importlib
 import inspect
@@ -850,16 +851,8 @@ def run_precision_case(spec, device, peak):
     for _ in range(max(0, spec['warmup'] - 1)):
         for rescaler in rescalers.values():
             rescaler.roundtrip(hr)
-    samples = {name: ([], []) for name in rescalers}
-    for i in range(spec['repeats']):
-        order = list(rescalers.items()) if i % 2 == 0 else list(reversed(rescalers.items()))
-        for name, rescaler in order:
-            sync(device)
-            c0, t0 = cpu_seconds(), time.perf_counter()
-            rescaler.roundtrip(hr)
-            sync(device)
-            samples[name][0].append(time.perf_counter() - t0)
-            samples[name][1].append(cpu_seconds() - c0)
+    samples = time_alternately(OrderedDict((name, functools.partial(rescaler.roundtrip, hr))
+                                           for name, rescaler in rescalers.items()), device, spec['repeats'])
     (lr32, rec32), (lr_half, rec_half) = [(lr, out['Level_1']) for lr, out in outputs.values()]
     result = {'half_dtype': half, 'weights': spec.get('weights') or 'random', 'processed': size_name((height, width)),
               'psnr_fp32_db': psnr_y(rec32, hr), 'psnr_half_db': psnr_y(rec_half, hr),
@@ -868,6 +861,22 @@ def run_precision_case(spec, device, peak):
     for name in rescalers:
         result['fp32' if name == 'fp32' else 'half'] = timing_summary(*samples[name])
     return result
+
+
+def time_alternately(runs, device, repeats):
+    """Time the callables ``runs`` (name -> fn) in turns, the order reversed every other round so
+    that all see the same load: {name: ([wall seconds], [process CPU seconds])}."""
+    samples = {name: ([], []) for name in runs}
+    for i in range(repeats):
+        order = list(runs.items()) if i % 2 == 0 else list(reversed(runs.items()))
+        for name, fn in order:
+            sync(device)
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            fn()
+            sync(device)
+            samples[name][0].append(time.perf_counter() - t0)
+            samples[name][1].append(cpu_seconds() - c0)
+    return samples
 
 
 def _max_abs_diff(a, b):
@@ -914,16 +923,7 @@ def run_ref_forward_case(spec, device, peak):
         for fn in runs.values():
             fn()
     conv_before = conv_throughput(spec, device)
-    samples = {name: ([], []) for name in runs}
-    for i in range(spec['repeats']):
-        order = list(runs.items()) if i % 2 == 0 else list(reversed(runs.items()))
-        for name, fn in order:
-            sync(device)
-            c0, t0 = cpu_seconds(), time.perf_counter()
-            fn()
-            sync(device)
-            samples[name][0].append(time.perf_counter() - t0)
-            samples[name][1].append(cpu_seconds() - c0)
+    samples = time_alternately(runs, device, spec['repeats'])
     conv_after = conv_throughput(spec, device)
     conv_gflops = median([conv_before, conv_after])
     result = {'agreement': agreement, 'substitutions': substitutions, 'conv_gflop_per_s': conv_gflops,
@@ -959,16 +959,8 @@ def run_ref_train_case(spec, device, peak):
         for step in steps.values():
             step(batch)
     conv_before = conv_throughput(spec, device)
-    samples = {name: ([], []) for name in steps}
-    for i in range(spec['repeats']):
-        order = list(steps.items()) if i % 2 == 0 else list(reversed(steps.items()))
-        for name, step in order:
-            sync(device)
-            c0, t0 = cpu_seconds(), time.perf_counter()
-            step(batch)
-            sync(device)
-            samples[name][0].append(time.perf_counter() - t0)
-            samples[name][1].append(cpu_seconds() - c0)
+    samples = time_alternately(OrderedDict((name, functools.partial(step, batch)) for name, step in steps.items()),
+                               device, spec['repeats'])
     conv_after = conv_throughput(spec, device)
     conv_gflops = median([conv_before, conv_after])
     result = {'first_step_losses': first_losses, 'substitutions': substitutions, 'conv_gflop_per_s': conv_gflops}
@@ -1223,106 +1215,91 @@ def gb(value):
     return None if value is None else value / 1024**3
 
 
-def print_main_table(results, out):
-    rows = [r for r in results if r['spec']['op'] in MAIN_OPS and r['spec']['op'] != 'precision']
+def print_table(results, op, out, header, id_width, format_row, title=None, strip=''):
+    """The cases of ``op`` (one op, or a tuple of ops) as a table: title, header, rule, then a line per
+    case, ``format_row(spec, result)`` after its id (``strip`` removed), or its status and error."""
+    rows = [r for r in results if r['spec']['op'] in (op if isinstance(op, tuple) else (op, ))]
     if not rows:
         return
-    header = (f"{'case':34s} {'processed':>10s} {'tiles':>5s} {'median s':>9s} {'min s':>8s} {'CPU s':>8s} "
-              f"{'peak GB':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'conv':>7s} {'% conv':>7s}")
+    if title:
+        out('')
+        out(title)
     out(header)
     out('-' * len(header))
     for row in rows:
-        r = row['result']
+        spec, r = row['spec'], row['result']
         if r.get('status') != 'ok':
-            out(f"{row['spec']['id']:34s} {r.get('status')}: {r.get('error', '')}")
-            continue
-        out(f"{row['spec']['id']:34s} {r.get('processed', ''):>10s} {fmt(r.get('tiles'), 'd'):>5s} "
-            f"{fmt(r['median_s'], '.3f'):>9s} {fmt(r['min_s'], '.3f'):>8s} {fmt(r['median_cpu_s'], '.2f'):>8s} "
-            f"{fmt(gb(r.get('peak_bytes'))):>8s} {fmt(r.get('gflops'), '.1f'):>8s} "
-            f"{fmt(r.get('gflop_per_s'), '.1f'):>8s} {fmt(r.get('conv_gflop_per_s'), '.1f'):>7s} "
-            f"{fmt(100 * r['conv_fraction'] if r.get('conv_fraction') else None, '.0f'):>7s}")
+            out(f"{spec['id']:{id_width}s} {r.get('status')}: {r.get('error', '')}")
+        else:
+            out(f"{spec['id'].replace(strip, '') if strip else spec['id']:{id_width}s} {format_row(spec, r)}")
+
+
+def print_main_table(results, out):
+    def row(spec, r):
+        return (f"{r.get('processed', ''):>10s} {fmt(r.get('tiles'), 'd'):>5s} "
+                f"{fmt(r['median_s'], '.3f'):>9s} {fmt(r['min_s'], '.3f'):>8s} {fmt(r['median_cpu_s'], '.2f'):>8s} "
+                f"{fmt(gb(r.get('peak_bytes'))):>8s} {fmt(r.get('gflops'), '.1f'):>8s} "
+                f"{fmt(r.get('gflop_per_s'), '.1f'):>8s} {fmt(r.get('conv_gflop_per_s'), '.1f'):>7s} "
+                f"{fmt(100 * r['conv_fraction'] if r.get('conv_fraction') else None, '.0f'):>7s}")
+
+    header = (f"{'case':34s} {'processed':>10s} {'tiles':>5s} {'median s':>9s} {'min s':>8s} {'CPU s':>8s} "
+              f"{'peak GB':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'conv':>7s} {'% conv':>7s}")
+    print_table(results, tuple(op for op in MAIN_OPS if op != 'precision'), out, header, 34, row)
 
 
 def print_precision_table(results, out):
-    rows = [r for r in results if r['spec']['op'] == 'precision']
-    if not rows:
-        return
-    out('')
-    out('Half precision: round trip of a photo, float32 and half alternately (PSNR on Y against the photo)')
+    def row(spec, r):
+        f, h = r['fp32'], r['half']
+        return (f"{r['half_dtype']:>5s} {f['median_s']:8.3f} {h['median_s']:8.3f} {f['median_s'] / h['median_s']:8.2f} "
+                f"{r['psnr_fp32_db']:10.3f} {r['psnr_half_db']:10.3f} "
+                f"{abs(r['psnr_half_db'] - r['psnr_fp32_db']):8.3f} {r['psnr_half_vs_fp32_db']:10.2f} "
+                f"{r['lr_pixels_differing']:>5d}/{r['lr_pixels']:<5d}  {osp.basename(r['weights'])}")
+
     header = (f"{'case':30s} {'half':>5s} {'fp32 s':>8s} {'half s':>8s} {'speedup':>8s} {'PSNR fp32':>10s} "
               f"{'PSNR half':>10s} {'|dPSNR|':>8s} {'half/fp32':>10s} {'LR px diff':>11s}  weights")
-    out(header)
-    out('-' * len(header))
-    for row in rows:
-        r = row['result']
-        if r.get('status') != 'ok':
-            out(f"{row['spec']['id']:30s} {r.get('status')}: {r.get('error', '')}")
-            continue
-        f, h = r['fp32'], r['half']
-        out(f"{row['spec']['id'].replace('/precision', ''):30s} {r['half_dtype']:>5s} {f['median_s']:8.3f} "
-            f"{h['median_s']:8.3f} {f['median_s'] / h['median_s']:8.2f} {r['psnr_fp32_db']:10.3f} "
-            f"{r['psnr_half_db']:10.3f} {abs(r['psnr_half_db'] - r['psnr_fp32_db']):8.3f} "
-            f"{r['psnr_half_vs_fp32_db']:10.2f} {r['lr_pixels_differing']:>5d}/{r['lr_pixels']:<5d}  "
-            f"{osp.basename(r['weights'])}")
+    print_table(results, 'precision', out, header, 30, row, strip='/precision',
+                title='Half precision: round trip of a photo, float32 and half alternately (PSNR on Y against '
+                'the photo)')
 
 
 def print_reference_tables(results, out):
-    fwd = [r for r in results if r['spec']['op'] == 'ref_forward']
-    if fwd:
-        out('')
-        out('Reference comparison: full forward(x, is_train=False), same weights, alternating runs')
-        header = (f"{'case':26s} {'ours s':>8s} {'ref s':>8s} {'speedup':>8s} {'CPU x':>6s} {'up s':>8s} "
-                  f"{'up x':>6s} {'ours GF/s':>9s} {'ref GF/s':>9s} {'conv GF/s':>9s} {'%conv':>6s} "
-                  f"{'GFLOP o/r':>13s} {'max|dLR|':>9s} {'max|dL1|':>9s}")
-        out(header)
-        out('-' * len(header))
-        for row in fwd:
-            r = row['result']
-            if r.get('status') != 'ok':
-                out(f"{row['spec']['id']:26s} {r.get('status')}: {r.get('error', '')}")
-                continue
-            o, f, u = r['ours_forward'], r['ref_forward'], r['ours_up']
-            agree = r['agreement']
-            out(f"{row['spec']['id'].replace('/ref_forward', ''):26s} {o['median_s']:8.3f} {f['median_s']:8.3f} "
+    def forward_row(spec, r):
+        o, f, u = r['ours_forward'], r['ref_forward'], r['ours_up']
+        agree = r['agreement']
+        return (f"{o['median_s']:8.3f} {f['median_s']:8.3f} "
                 f"{f['median_s'] / o['median_s']:8.2f} {f['median_cpu_s'] / o['median_cpu_s']:6.2f} "
                 f"{u['median_s']:8.3f} {f['median_s'] / u['median_s']:6.2f} {fmt(o.get('gflop_per_s'), '.1f'):>9s} "
                 f"{fmt(f.get('gflop_per_s'), '.1f'):>9s} {fmt(r['conv_gflop_per_s'], '.1f'):>9s} "
                 f"{fmt(100 * o['conv_fraction'] if o.get('conv_fraction') else None, '.0f'):>6s} "
                 f"{fmt(o.get('gflops'), '.0f'):>6s}/{fmt(f.get('gflops'), '.0f'):<6s} "
                 f"{agree.get('LR', float('nan')):9.2e} {agree.get('Level_1', float('nan')):9.2e}")
-    train = [r for r in results if r['spec']['op'] == 'ref_train']
-    if train:
-        out('')
-        out('Reference comparison: one training iteration (forward + backward + optimiser step)')
-        header = f"{'case':30s} {'ours s':>8s} {'ref s':>8s} {'speedup':>8s} {'CPU x':>6s} {'first-step loss ours / ref':>30s}"
-        out(header)
-        out('-' * len(header))
-        for row in train:
-            r = row['result']
-            if r.get('status') != 'ok':
-                out(f"{row['spec']['id']:30s} {r.get('status')}: {r.get('error', '')}")
-                continue
-            o, f = r['ours'], r['ref']
-            losses = {k: ' '.join(f'{v:.5g}' for v in (l if isinstance(l, (list, tuple)) else [l]))
-                      for k, l in r['first_step_losses'].items()}
-            out(f"{row['spec']['id'].replace('/ref_train', ''):30s} {o['median_s']:8.3f} {f['median_s']:8.3f} "
+
+    header = (f"{'case':26s} {'ours s':>8s} {'ref s':>8s} {'speedup':>8s} {'CPU x':>6s} {'up s':>8s} "
+              f"{'up x':>6s} {'ours GF/s':>9s} {'ref GF/s':>9s} {'conv GF/s':>9s} {'%conv':>6s} "
+              f"{'GFLOP o/r':>13s} {'max|dLR|':>9s} {'max|dL1|':>9s}")
+    print_table(results, 'ref_forward', out, header, 26, forward_row, strip='/ref_forward',
+                title='Reference comparison: full forward(x, is_train=False), same weights, alternating runs')
+
+    def train_row(spec, r):
+        o, f = r['ours'], r['ref']
+        losses = {k: ' '.join(f'{v:.5g}' for v in (l if isinstance(l, (list, tuple)) else [l]))
+                  for k, l in r['first_step_losses'].items()}
+        return (f"{o['median_s']:8.3f} {f['median_s']:8.3f} "
                 f"{f['median_s'] / o['median_s']:8.2f} {f['median_cpu_s'] / o['median_cpu_s']:6.2f} "
                 f"{losses['ours']:>13s} / {losses['ref']:<13s}")
-    mem = [r for r in results if r['spec']['op'] == 'ref_memory']
-    if mem:
-        out('')
-        out('Reference comparison: peak memory (ours: Rescaler, tiled; plain: whole-image forward)')
-        header = f"{'case':40s} {'processed':>10s} {'tiles':>5s} {'peak GB':>8s} {'time s':>8s} {'CPU s':>8s}"
-        out(header)
-        out('-' * len(header))
-        for row in mem:
-            r = row['result']
-            if r.get('status') != 'ok':
-                out(f"{row['spec']['id']:40s} {r.get('status')}: {r.get('error', '')}")
-                continue
-            out(f"{row['spec']['id']:40s} {r['processed']:>10s} {fmt(r.get('tiles'), 'd'):>5s} "
+
+    header = f"{'case':30s} {'ours s':>8s} {'ref s':>8s} {'speedup':>8s} {'CPU x':>6s} {'first-step loss ours / ref':>30s}"
+    print_table(results, 'ref_train', out, header, 30, train_row, strip='/ref_train',
+                title='Reference comparison: one training iteration (forward + backward + optimiser step)')
+
+    def memory_row(spec, r):
+        return (f"{r['processed']:>10s} {fmt(r.get('tiles'), 'd'):>5s} "
                 f"{fmt(gb(r.get('peak_bytes'))):>8s} {fmt(r.get('median_s'), '.1f'):>8s} "
                 f"{fmt(r.get('median_cpu_s'), '.1f'):>8s}")
+
+    header = f"{'case':40s} {'processed':>10s} {'tiles':>5s} {'peak GB':>8s} {'time s':>8s} {'CPU s':>8s}"
+    print_table(results, 'ref_memory', out, header, 40, memory_row,
+                title='Reference comparison: peak memory (ours: Rescaler, tiled; plain: whole-image forward)')
 
 
 def evaluate_targets(results):
