@@ -72,7 +72,7 @@ class Upsample(nn.Module):
         weight = _subpixel_weight(self.conv.weight).to(x.dtype)
         bias = self.conv.bias.repeat(4).to(x.dtype)
         # phase (py, px) of output pixel (2i + py, 2j + px) is entry (i + py, j + px) of its own channel block
-        out = F.conv2d(x, weight, bias, padding=1).unflatten(1, (2, 2, c))  # (B, 2, 2, C, H + 1, W + 1)
+        out = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias).unflatten(1, (2, 2, c))
         y = out.new_empty((b, c, h, 2, w, 2))  # viewed as (B, C, 2H, 2W)
         for py in range(2):
             for px in range(2):
