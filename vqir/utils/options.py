@@ -74,6 +74,10 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check_options(opt, opt_path, is_train):
     """Reject unknown keys and wrong types early, naming the file and the key."""
     network_keys = [key for key in opt if key.startswith('network_') and key not in KNOWN_TOP_LEVEL_KEYS]
@@ -120,7 +124,7 @@ def check_options(opt, opt_path, is_train):
         for key, least in (('batch_size_per_gpu', 1), ('num_worker_per_gpu', 0), ('dataset_enlarge_ratio', 1)):
             if key in train_set or key == 'batch_size_per_gpu':
                 value = train_set.get(key)
-                _expect(isinstance(value, int) and not isinstance(value, bool) and value >= least, opt_path,
+                _expect(_is_int(value) and value >= least, opt_path,
                         f'datasets:train:{key}', f'must be an integer >= {least}, got {value!r}')
         for key in train:
             if not (key in KNOWN_TRAIN_KEYS or key.startswith('optim_') or key.endswith('_opt')):
@@ -129,13 +133,13 @@ def check_options(opt, opt_path, is_train):
                 _expect(False, opt_path, f'train:{key}', f'is not a known train key{hint}: known are '
                         f'{", ".join(sorted(KNOWN_TRAIN_KEYS))}, optim_* (optimisers) and *_opt (losses)')
         restart = train.get('codebook_restart_every')
-        _expect(restart is None or (isinstance(restart, int) and not isinstance(restart, bool) and restart > 0),
+        _expect(restart is None or (_is_int(restart) and restart > 0),
                 opt_path, 'train:codebook_restart_every', f'must be a positive integer (or absent), got {restart!r}')
         precision = train.get('mixed_precision')
         _expect(precision is None or precision in MIXED_PRECISION, opt_path, 'train:mixed_precision',
                 f'must be one of {", ".join(MIXED_PRECISION)} (or absent), got {precision!r}')
         bad_steps = train.get('max_bad_steps', 1)
-        _expect(isinstance(bad_steps, int) and not isinstance(bad_steps, bool) and bad_steps > 0, opt_path,
+        _expect(_is_int(bad_steps) and bad_steps > 0, opt_path,
                 'train:max_bad_steps', f'must be a positive integer, got {bad_steps!r}')
         clip = train.get('grad_clip_norm')
         _expect(clip is None or (_is_number(clip) and clip > 0), opt_path, 'train:grad_clip_norm',
