@@ -149,12 +149,16 @@ class MSRM(nn.Module):
             feat = self._feature(feats, level, like=gate)
             if gate is not None:
                 # the product takes the gate's channels-last format, in which the blocks run copy-free
-                feat = gate * feat
+                feat, gate = gate * feat, None  # drop the gate now: it is as large as the level
             image, gate = branch(feat)
             results[level] = image.contiguous()
         feat = self._feature(feats, 'Level_1', like=gate)
         if gate is not None:
-            feat = feat * gate
+            feat, gate = feat * gate, None
         # NCHW on purpose: CPU GroupNorm (in the ResnetBlocks) loses precision on channels-last input
-        results['Level_1'] = self.refine_out(feat.contiguous()).contiguous()
+        feat = feat.contiguous()
+        # layer by layer, so that each full-resolution map is freed as soon as the next layer has used it
+        for layer in self.refine_out:
+            feat = layer(feat)
+        results['Level_1'] = feat.contiguous()
         return results

@@ -136,7 +136,10 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         if temb is not None:
             h = h + self.temb_proj(swish(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
+        # two statements, so that conv1's output is freed before conv2 allocates (at most three
+        # maps of this size live at once: x, conv2's input and its output)
+        h = self.dropout(F.silu(self.norm2(h), inplace=inplace))
+        h = self.conv2(h)
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return h.add_(x) if inplace else x + h
