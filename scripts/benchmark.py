@@ -71,8 +71,10 @@ CPU allocator: by default (``--malloc entry``) each child sets glibc malloc as v
 do: the training cases keep freed memory in the process as ``train.py`` does
 (``vqir.utils.allocator.keep_freed_memory``: no per-block mmap, no trimming), the inference cases
 keep glibc's defaults as ``vqir-rescale`` and ``test.py`` do. ``--malloc vqir`` keeps freed memory
-in every case, ``--malloc default`` nowhere. In the ``ref_*`` cases both implementations run in
-one process, so the same setting applies to both.
+in every case, ``--malloc default`` nowhere. Large tensors go on transparent huge pages as
+``import vqir`` asks PyTorch to (``vqir.utils.allocator.use_huge_pages``), except with
+``--malloc default`` (or ``THP_MEM_ALLOC_ENABLE=0`` in the environment). In the ``ref_*`` cases
+both implementations run in one process, so the same settings apply to both.
 
 Two flags work through torch's generic mechanisms and are reported as such: ``--channels-last``
 (no project option) converts our network with ``Module.to(memory_format=torch.channels_last)``
@@ -121,6 +123,10 @@ from os import path as osp
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), osp.pardir))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# '--malloc default' also leaves PyTorch's page size alone, which must be decided before torch's
+# first allocation (vqir.utils.allocator); the children inherit it
+if re.search(r'(^|\s)--malloc[= ]default(\s|$)', ' '.join(sys.argv[1:])):
+    os.environ['VQIR_MALLOC'] = 'default'
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -236,6 +242,15 @@ def git_commit():
                              timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def transparent_hugepage_mode():
+    """The kernel's THP mode ('always', 'madvise', 'never'), None where unknown."""
+    try:
+        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+            return re.search(r'\[(\w+)\]', f.read()).group(1)
+    except (OSError, AttributeError):
         return None
 
 
@@ -1390,7 +1405,9 @@ def environment(args, devices):
         torch=torch.__version__, python=platform.python_version(), threads=args.threads,
         cpu_model=cpu_model(), cpu_count=os.cpu_count(), cpu_flags=cpu_flags(), devices=devices, dtype=args.dtype,
         cpu_capability=getattr(torch.backends.cpu, 'get_cpu_capability', lambda: None)(),
-        mkldnn=torch.backends.mkldnn.is_available(), malloc=args.malloc, load_average_start=load_average(),
+        mkldnn=torch.backends.mkldnn.is_available(), malloc=args.malloc,
+        huge_pages=os.environ.get('THP_MEM_ALLOC_ENABLE') == '1', transparent_hugepage=transparent_hugepage_mode(),
+        load_average_start=load_average(),
         mem_available_gb=gb(mem_available_bytes()), commit=git_commit(), argv=sys.argv[1:])
     if 'cuda' in devices:
         info['gpu'] = torch.cuda.get_device_name(0)
@@ -1562,6 +1579,8 @@ def main(argv=None):
         + (f"; GPU: {env['gpu']}" if 'gpu' in env else ''))
     out(f"load average at start {env['load_average_start']} (1/5/15 min); "
         f"channels_last {args.channels_last}, compile {args.compile}; repeats {args.repeats}, warm-up {args.warmup}")
+    out(f"malloc {args.malloc}; huge pages for large tensors {env['huge_pages']} "
+        f"(kernel THP mode {env['transparent_hugepage']})")
     if args.channels_last or args.compile:
         for flag in ('channels_last', 'compile'):
             if getattr(args, flag):

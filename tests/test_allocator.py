@@ -31,3 +31,44 @@ def _run(env_value=None):
 def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off():
     assert _run() == 'True'
     assert _run('default') == 'False'
+
+
+HUGE_PAGES_SNIPPET = '''
+import os, re
+import vqir  # noqa: F401  (decides the page size before torch allocates)
+import torch
+setting = os.environ.get('THP_MEM_ALLOC_ENABLE')
+x = torch.ones(64, 1024, 1024)  # 256 MiB, every page touched
+with open('/proc/self/smaps_rollup') as f:
+    huge_kb = int(re.search(r'AnonHugePages:\\s+(\\d+) kB', f.read()).group(1))
+print(setting, huge_kb)
+'''
+
+
+def _thp_mode():
+    try:
+        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+            return f.read().split('[')[1].split(']')[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _run_huge_pages(**env):
+    env = {'PATH': '/usr/bin:/bin', **env}
+    out = subprocess.run([sys.executable, '-c', HUGE_PAGES_SNIPPET], capture_output=True, text=True, env=env,
+                         check=True)
+    setting, huge_kb = out.stdout.strip().splitlines()[-1].split()
+    return setting, int(huge_kb)
+
+
+@pytest.mark.skipif(_thp_mode() not in ('always', 'madvise'), reason='needs transparent huge pages')
+def test_import_vqir_puts_large_tensors_on_huge_pages_unless_told_otherwise():
+    setting, huge_kb = _run_huge_pages()
+    assert setting == '1'
+    assert huge_kb >= 128 * 1024  # most of the 256 MiB tensor
+    # the user's own setting wins, and VQIR_MALLOC=default leaves PyTorch's default alone
+    assert _run_huge_pages(THP_MEM_ALLOC_ENABLE='0')[0] == '0'
+    setting, huge_kb = _run_huge_pages(VQIR_MALLOC='default')
+    assert setting == 'None'
+    if _thp_mode() == 'madvise':  # only asked-for regions get huge pages
+        assert huge_kb < 16 * 1024
