@@ -448,7 +448,8 @@ class Rescaler:
         if height * width <= self.auto_tile_pixels:
             return None
         # a tile with its context holds at most half the threshold: a 2040x1356 round trip in 6 tiles
-        # of about 930x930 peaked at 4.1 GB resident, in 4 tiles of 1270x930 at 4.8 GB, in the same time
+        # of about 930x930 peaked at 4.1 GB resident, in 4 tiles of 1270x930 at 4.8 GB, in the same
+        # time (both before activations were freed early, which took the 6 tiles to 3.1 GB)
         side = math.isqrt(self.auto_tile_pixels // AUTO_TILE_FRACTION) - 2 * self.tile_overlap
         return max(self.ir_scale, side // self.ir_scale * self.ir_scale)
 
