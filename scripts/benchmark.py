@@ -135,7 +135,7 @@ from torch import nn  # noqa: E402
 import vqir  # noqa: E402,F401  (registers the architectures and losses)
 from vqir.archs.vqir_arch import VQIR  # noqa: E402
 from vqir.inference import DEFAULT_AUTO_TILE_PIXELS, DEFAULT_TILE_OVERLAP, Rescaler, official_network_options  # noqa: E402
-from vqir.utils.allocator import keep_freed_memory  # noqa: E402
+from vqir.utils.allocator import keep_freed_memory, transparent_huge_page_mode  # noqa: E402
 
 DEFAULT_SIZES = '256,512,1024,2040x1356'
 QUICK_SIZES = '256,512'
@@ -242,15 +242,6 @@ def git_commit():
                              timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def transparent_hugepage_mode():
-    """The kernel's THP mode ('always', 'madvise', 'never'), None where unknown."""
-    try:
-        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
-            return re.search(r'\[(\w+)\]', f.read()).group(1)
-    except (OSError, AttributeError):
         return None
 
 
@@ -1406,7 +1397,7 @@ def environment(args, devices):
         cpu_model=cpu_model(), cpu_count=os.cpu_count(), cpu_flags=cpu_flags(), devices=devices, dtype=args.dtype,
         cpu_capability=getattr(torch.backends.cpu, 'get_cpu_capability', lambda: None)(),
         mkldnn=torch.backends.mkldnn.is_available(), malloc=args.malloc,
-        huge_pages=os.environ.get('THP_MEM_ALLOC_ENABLE') == '1', transparent_hugepage=transparent_hugepage_mode(),
+        huge_pages=os.environ.get('THP_MEM_ALLOC_ENABLE') == '1', transparent_hugepage=transparent_huge_page_mode(),
         load_average_start=load_average(),
         mem_available_gb=gb(mem_available_bytes()), commit=git_commit(), argv=sys.argv[1:])
     if 'cuda' in devices:

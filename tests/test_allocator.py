@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from vqir.utils.allocator import transparent_huge_page_mode
+
 SNIPPET = '''
 import ctypes, torch
 from vqir.utils.allocator import keep_freed_memory
@@ -45,14 +47,6 @@ print(setting, huge_kb)
 '''
 
 
-def _thp_mode():
-    try:
-        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
-            return f.read().split('[')[1].split(']')[0]
-    except (OSError, IndexError):
-        return None
-
-
 def _run_huge_pages(**env):
     env = {'PATH': '/usr/bin:/bin', **env}
     out = subprocess.run([sys.executable, '-c', HUGE_PAGES_SNIPPET], capture_output=True, text=True, env=env,
@@ -61,7 +55,7 @@ def _run_huge_pages(**env):
     return setting, int(huge_kb)
 
 
-@pytest.mark.skipif(_thp_mode() not in ('always', 'madvise'), reason='needs transparent huge pages')
+@pytest.mark.skipif(transparent_huge_page_mode() not in ('always', 'madvise'), reason='needs transparent huge pages')
 def test_import_vqir_puts_large_tensors_on_huge_pages_unless_told_otherwise():
     setting, huge_kb = _run_huge_pages()
     assert setting == '1'
@@ -70,5 +64,5 @@ def test_import_vqir_puts_large_tensors_on_huge_pages_unless_told_otherwise():
     assert _run_huge_pages(THP_MEM_ALLOC_ENABLE='0')[0] == '0'
     setting, huge_kb = _run_huge_pages(VQIR_MALLOC='default')
     assert setting == 'None'
-    if _thp_mode() == 'madvise':  # only asked-for regions get huge pages
+    if transparent_huge_page_mode() == 'madvise':  # only asked-for regions get huge pages
         assert huge_kb < 16 * 1024

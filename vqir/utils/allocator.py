@@ -29,8 +29,9 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import re
 
-__all__ = ['keep_freed_memory', 'use_huge_pages']
+__all__ = ['keep_freed_memory', 'use_huge_pages', 'transparent_huge_page_mode']
 
 # <malloc.h> parameter numbers
 M_TRIM_THRESHOLD = -1
@@ -41,6 +42,15 @@ _applied = None
 
 def _turned_off():
     return os.environ.get('VQIR_MALLOC', '').lower() == 'default'
+
+
+def transparent_huge_page_mode():
+    """The kernel's transparent huge page mode: 'always', 'madvise', 'never', or None where unknown."""
+    try:
+        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+            return re.search(r'\[(\w+)\]', f.read()).group(1)
+    except (OSError, AttributeError):
+        return None
 
 
 def use_huge_pages():
