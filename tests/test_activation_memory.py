@@ -11,21 +11,28 @@ import torch
 from vqir.archs.msrm_arch import MSRM
 from vqir.archs.vqgan_arch import ResnetBlock
 
-pytestmark = pytest.mark.skipif(platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc',
-                                reason='counts glibc malloc bytes (mallinfo2)')
-
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks',
                                                       'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
 
 
+def _mallinfo2():
+    """glibc's mallinfo2 (2.33 and later), or None."""
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+        return None
+    mallinfo2 = getattr(ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6'), 'mallinfo2', None)
+    if mallinfo2 is not None:
+        mallinfo2.restype = _MallInfo2
+    return mallinfo2
+
+
+_MALLINFO2 = _mallinfo2()
+pytestmark = pytest.mark.skipif(_MALLINFO2 is None, reason='counts glibc malloc bytes (mallinfo2, glibc >= 2.33)')
+
+
 def _bytes_in_use():
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    if not hasattr(libc, 'mallinfo2'):
-        pytest.skip('glibc without mallinfo2 (before 2.33)')
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
+    info = _MALLINFO2()
     return info.uordblks + info.hblkhd  # heap blocks in use + mmap'd blocks
 
 

@@ -18,9 +18,10 @@ The network: ``--weights`` with ``--scale 16|32`` (the released network configur
 scale is checked against the weights, and taken from them when not given), or ``--opt FILE``,
 an options YAML whose ``network_g`` (or ``network_ir``) block describes the network; its
 ``path: pretrain_network_g`` is used when ``--weights`` is not given, its ``network_color`` and
-``inference`` block (tile, tile_overlap, size_mode, half, bf16, auto_tile_pixels, compile) are
-honoured; command-line options take precedence. Precision and speed: ``--half`` (fp16, CUDA),
-``--bf16`` (CPU or CUDA), ``--compile`` (``torch.compile``).
+``inference`` block (``vqir.inference.INFERENCE_KEYS``: tile, tile_overlap, size_mode, half, bf16,
+auto_tile_pixels, decoder_image, compile) are honoured; command-line options take precedence.
+Precision and speed: ``--half`` (fp16, CUDA), ``--bf16`` (CPU or CUDA), ``--compile``
+(``torch.compile``).
 
 Inputs are turned upright by their EXIF orientation before they are rescaled.
 
