@@ -29,6 +29,7 @@ import cv2
 from tqdm import tqdm
 
 from vqir.data import transforms
+from vqir.utils.atomic_file import atomic_write_bytes
 
 
 def downscale_one(job):
@@ -48,9 +49,13 @@ def downscale_one(job):
             return rel_path, f'{img.shape[0]}x{img.shape[1]} is smaller than the scale {scale}'
         lr = transforms.float_to_integer(transforms.bicubic_downscale(hr, scale), out_dtype)
         dst = osp.join(args.output, f'X{scale}', osp.splitext(rel_path)[0] + '.png')
-        os.makedirs(osp.dirname(dst), exist_ok=True)
-        if not cv2.imwrite(dst, lr, [cv2.IMWRITE_PNG_COMPRESSION, args.compression_level]):
-            return rel_path, f'cannot write {dst}'
+        ok, encoded = cv2.imencode('.png', lr, [cv2.IMWRITE_PNG_COMPRESSION, args.compression_level])
+        if not ok:
+            return rel_path, f'cannot encode {dst}'
+        try:  # atomic: an interrupted run leaves no truncated LR that training would read later
+            atomic_write_bytes(dst, encoded.tobytes())
+        except OSError as error:
+            return rel_path, f'cannot write {dst}: {error.strerror or error}'
     return rel_path, None
 
 

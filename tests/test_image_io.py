@@ -119,12 +119,25 @@ def test_bad_files_give_one_clear_error(tmp_path, rgb_u8):
         (_bad(tmp_path, 'cut.png', png[:len(png) // 2]), 'truncated PNG'),
         (_bad(tmp_path, 'cut.jpg', jpg[:len(jpg) // 2]), 'JPEG data cannot be decoded'),
         (_bad(tmp_path, 'bomb.png', _png_header_only(100000, 100000) + png[33:]), 'decompression bomb'),
+        # a format PIL does not read, whose header OpenCV refuses by asserting
+        (_bad(tmp_path, 'bomb.hdr', b'#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 100000 +X 100000\n' + bytes(64)),
+         'decompression bomb'),
     ]
     for path, message in cases:
         with pytest.raises(ImageReadError) as err:
             read_image(path)
         text = str(err.value)
         assert text.startswith(path + ': ') and message in text and '\n' not in text, text
+
+
+def test_png_with_bytes_after_its_end_chunk_is_read(tmp_path, rgb_u8):
+    """Data appended after IEND (some tools add it) is ignored, as decoders do; a PNG cut before
+    its IEND chunk is still refused."""
+    png = cv2.imencode('.png', rgb_u8)[1].tobytes()
+    img, _ = read_image(_bad(tmp_path, 'trailing.png', png + bytes(100) + b'IEND'))
+    np.testing.assert_array_equal(np.round(img * 255).astype(np.uint8), rgb_u8[:, :, ::-1])
+    with pytest.raises(ImageReadError, match='truncated PNG'):
+        read_image(_bad(tmp_path, 'cut.png', png[:-4]))
 
 
 def test_pixel_limit_and_sample_type(tmp_path, rgb_u8):

@@ -1,6 +1,7 @@
 """VQGAN architecture: taming-compatible layout, quantiser, attention, decoder features, a tiny overfit."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -332,6 +333,17 @@ def test_quantizer_remap(tmp_path):
     assert indices.tolist() == [[[1, 3, 4]]]  # positions in `used`; 4 = the extra 'unknown' index
     back = quantizer.get_codebook_entry(indices[:, :, :2].reshape(-1), (1, 1, 2, 4))
     assert torch.allclose(back, z[:, :, :, :2])
+
+
+def test_quantizer_remap_file_errors_name_the_file(tmp_path):
+    """A missing or unusable remap file is a ValueError naming it (entry points print it as one line)."""
+    np.save(tmp_path / 'objects.npy', np.array([{'a': 1}], dtype=object))  # a pickle inside: never loaded
+    np.save(tmp_path / 'out_of_range.npy', np.array([3, 40]))
+    for name, reason in (('missing.npy', 'No such file or directory'), ('objects.npy', 'allow_pickle=False'),
+                         ('out_of_range.npy', 'expected code indices in [0, 32)')):
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=f'^remap file {re.escape(path)}: .*{re.escape(reason)}'):
+            VectorQuantizer(32, 4, remap=path)
 
 
 def test_tiny_vqgan_overfits_one_image():

@@ -387,7 +387,11 @@ class VectorQuantizer(nn.Module):
 
         self.remap = remap
         if remap is not None:
-            used = torch.as_tensor(np.load(remap)).long().flatten()
+            try:
+                used = torch.as_tensor(np.load(remap)).long().flatten()  # no pickles: allow_pickle is off
+            except (OSError, ValueError, TypeError) as err:  # missing, unreadable, not a .npy array of numbers
+                raise ValueError(f'remap file {remap}: cannot be read as a .npy array of code indices '
+                                 f'({getattr(err, "strerror", None) or err})') from None
             if used.numel() == 0 or used.min() < 0 or used.max() >= n_e:
                 raise ValueError(f'remap file {remap}: expected code indices in [0, {n_e}), '
                                  f'got {used.numel()} entries')

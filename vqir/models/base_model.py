@@ -14,6 +14,7 @@ knows only Adam. ``VQIRBaseModel`` fixes that in one place and adds what the sta
   target it compares), images saved per output, a metrics CSV per dataset and a printed table.
 """
 import csv
+import io
 import math
 import os
 import random
@@ -25,13 +26,15 @@ import numpy as np
 import torch
 from basicsr.metrics import calculate_metric
 from basicsr.models.base_model import BaseModel
-from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils import get_root_logger, tensor2img
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
+from vqir.utils.atomic_file import atomic_write_bytes
 from vqir.utils.checkpoint import atomic_torch_save, load_weights, save_state_dict
 from vqir.utils.dist import barrier, is_distributed, master_only
-from vqir.utils.options import MIXED_PRECISION
+from vqir.utils.image_io import write_image
+from vqir.utils.options import METRIC_ROUTING_KEYS, MIXED_PRECISION
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,6 +84,12 @@ class VQIRBaseModel(BaseModel):
         self._bad_steps = 0
         self.autocast_dtype = self._mixed_precision_dtype()
         self.grad_scalers = OrderedDict()  # optimised part -> GradScaler (fp16 only), made at its first step
+
+    @classmethod
+    def image_names(cls):
+        """Names of the images ``get_current_visuals()`` can give (outputs, then targets), which
+        ``val:metrics`` and ``val:outputs`` may name; None when not known in advance."""
+        return None
 
     def _mixed_precision_dtype(self):
         """The autocast dtype of ``train.mixed_precision`` (None for float32 and when testing)."""
@@ -349,6 +358,7 @@ class VQIRBaseModel(BaseModel):
         pbar = tqdm(total=len(dataloader) if not max_images else min(max_images, len(dataloader)), unit='image',
                     desc=f'{dataset_name}', dynamic_ncols=True, disable=not val_opt.get('pbar', True))
         metric_opts = self._drop_unavailable_metrics(metric_opts)
+        skipped = set()
         self.begin_validation()
         for idx, val_data in enumerate(dataloader):
             if max_images and idx >= max_images:
@@ -360,13 +370,16 @@ class VQIRBaseModel(BaseModel):
             images = {key: tensor2img(value.clone()) for key, value in visuals.items()}
             row = OrderedDict(image=img_name)
             for metric_name, opt_ in metric_opts.items():
-                opt_ = dict(opt_)
-                output_key, target_key = opt_.pop('output'), opt_.pop('target')
-                opt_.pop('better', None)
-                opt_.pop('optional', None)
+                output_key, target_key = opt_['output'], opt_['target']
                 if output_key not in images or target_key not in images:
+                    if metric_name not in skipped:  # e.g. a test set without the target images
+                        skipped.add(metric_name)
+                        get_root_logger().warning(f'metric {metric_name} skipped for {dataset_name}: image {img_name} '
+                                                  f'has no {output_key if output_key not in images else target_key}')
                     continue
-                row[metric_name] = float(calculate_metric({'img': images[output_key], 'img2': images[target_key]}, opt_))
+                arguments = {k: v for k, v in opt_.items() if k not in METRIC_ROUTING_KEYS or k == 'type'}
+                row[metric_name] = float(calculate_metric({'img': images[output_key], 'img2': images[target_key]},
+                                                          arguments))
             rows.append(row)
             if save_img:
                 for key in self.saved_outputs():
@@ -377,7 +390,7 @@ class VQIRBaseModel(BaseModel):
                     else:
                         save_path = osp.join(self.opt['path']['visualization'], dataset_name, key,
                                              f'{img_name}_{current_iter}.png')
-                    imwrite(images[key], save_path)
+                    write_image(save_path, visuals[key])  # atomic: an interrupted run leaves no partial file
             pbar.update(1)
             pbar.set_postfix_str(img_name)
         pbar.close()
@@ -426,13 +439,14 @@ class VQIRBaseModel(BaseModel):
             csv_path = osp.join(out_dir, f'metrics_{dataset_name}.csv')
         os.makedirs(out_dir, exist_ok=True)
         image_rows = rows if image_columns else []  # set-level values alone: only the mean row
-        with open(csv_path, 'w', newline='', encoding='utf-8') as f:
-            writer = csv.writer(f)
-            writer.writerow(['image'] + columns)
-            for r in image_rows:
-                writer.writerow([r['image']] + [f'{r[c]:.4f}' if c in r else '' for c in columns])
-            writer.writerow(['mean'] + [f'{means[c]:.4f}' if math.isfinite(means[c]) else str(means[c])
-                                        for c in columns])
+        table = io.StringIO(newline='')
+        writer = csv.writer(table)
+        writer.writerow(['image'] + columns)
+        for r in image_rows:
+            writer.writerow([r['image']] + [f'{r[c]:.4f}' if c in r else '' for c in columns])
+        writer.writerow(['mean'] + [f'{means[c]:.4f}' if math.isfinite(means[c]) else str(means[c])
+                                    for c in columns])
+        atomic_write_bytes(csv_path, table.getvalue().encode('utf-8'))
         logger = get_root_logger()
         logger.info(format_metrics_table(image_rows, columns, means, title=f'{dataset_name} @ {current_iter}'))
         logger.info(f'metrics written to {csv_path}')

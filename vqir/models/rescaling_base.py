@@ -81,6 +81,10 @@ class RescalingModel(VQIRBaseModel):
     output_keys = ()  # reconstructions kept by test(), besides 'LR'
     default_saved_outputs = ()  # images written by validation
 
+    @classmethod
+    def image_names(cls):
+        return ('LR', ) + tuple(cls.output_keys) + TARGET_KEYS
+
     def __init__(self, opt):
         super().__init__(opt)
         self.logger = get_root_logger()

@@ -79,6 +79,10 @@ class VQGANModel(VQIRBaseModel):
 
     default_saved_outputs = ('rec', )
 
+    @classmethod
+    def image_names(cls):
+        return ('rec', 'gt')
+
     def __init__(self, opt):
         super().__init__(opt)
         if self.autocast_dtype is torch.float16:

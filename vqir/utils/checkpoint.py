@@ -24,7 +24,6 @@ renamed over the target, so a crash never leaves a partial checkpoint behind.
 import os
 import pickle
 import re
-import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from basicsr.utils import get_root_logger
 from torch import nn
+
+from .atomic_file import atomic_write
 
 __all__ = [
     'CheckpointError', 'LoadReport', 'load_checkpoint', 'load_state_dict', 'load_weights', 'save_state_dict',
@@ -395,38 +396,6 @@ def load_weights(net, path, strict=True, param_key='auto', drop_prefixes=('loss.
 # writing
 
 
-def _atomic_write(path, write):
-    """Call write(tmp_path), fsync, and rename over path; on any error remove tmp and re-raise."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        write(tmp_path)
-        with open(tmp_path, 'rb+') as f:
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint gets the usual permissions
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def _to_cpu(obj):
     """Tensors (also inside dicts, lists and tuples) detached and moved to CPU."""
     if isinstance(obj, torch.Tensor):
@@ -445,7 +414,7 @@ def atomic_torch_save(obj, path):
         with open(tmp_path, 'wb') as f:
             torch.save(obj, f)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def save_state_dict(state_dict_or_obj, path, param_key=None):
@@ -480,6 +449,6 @@ def save_state_dict(state_dict_or_obj, path, param_key=None):
                 value = value.clone()
             seen.add((value.untyped_storage().data_ptr(), value.untyped_storage().nbytes()))
             tensors[key] = value
-        _atomic_write(path, lambda tmp_path: save_file(tensors, tmp_path))
+        atomic_write(path, lambda tmp_path: save_file(tensors, tmp_path))
     else:
         atomic_torch_save({param_key: state_dict} if param_key is not None else state_dict, path)

@@ -17,7 +17,6 @@ renamed over the target, so an interrupted or failed write never leaves a partia
 """
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic_file import atomic_write_bytes
+
 __all__ = [
     'IMAGE_EXTENSIONS', 'DEFAULT_MAX_PIXELS', 'ImageReadError', 'ImageWriteError', 'ImageInfo', 'read_image',
     'write_image', 'list_images'
@@ -36,6 +37,8 @@ __all__ = [
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 DEFAULT_MAX_PIXELS = 20000 * 20000
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+# the IEND chunk: zero length, type, CRC
+_PNG_END_CHUNK = b'\x00\x00\x00\x00IEND\xaeB\x60\x82'
 _MAX_VALUE = {np.dtype(np.uint8): 255., np.dtype(np.uint16): 65535.}
 
 
@@ -157,10 +160,18 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     file_format, size, text, orientation = _read_header(path)
     if size is not None:
         _check_pixels(path, size, max_pixels)
-    if data.startswith(_PNG_SIGNATURE) and b'IEND' not in data[-64:]:
-        raise ImageReadError(f'{path}: truncated PNG file (it does not end with an IEND chunk)')
+    # libpng hands back the rows it got from a cut-off file without an error; bytes after the
+    # end chunk (some tools append data) are harmless and decoders ignore them
+    if data.startswith(_PNG_SIGNATURE) and _PNG_END_CHUNK not in data:
+        raise ImageReadError(f'{path}: truncated PNG file (it has no IEND chunk)')
 
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:  # OpenCV asserts, e.g. on headers beyond CV_IO_MAX_IMAGE_PIXELS
+        if 'CV_IO_MAX_IMAGE_PIXELS' in str(err):
+            raise ImageReadError(f'{path}: its header claims more pixels than OpenCV decodes '
+                                 f'(possible decompression bomb)') from None
+        raise ImageReadError(f'{path}: cannot be decoded (OpenCV: {getattr(err, "err", None) or "error"})') from None
     if img is None:
         if file_format is None:
             raise ImageReadError(f'{path}: not an image, or a format that cannot be decoded')
@@ -224,29 +235,6 @@ def _insert_png_text(png, text):
     return png[:ihdr_end] + b''.join(_png_text_chunk(k, v) for k, v in text.items()) + png[ihdr_end:]
 
 
-def _atomic_write_bytes(path, data):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None):
     """Write an RGB image in [0, 1] (values outside are clamped) atomically.
 
@@ -306,7 +294,7 @@ def write_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None):
     data = encoded.tobytes()
     if text:
         data = _insert_png_text(data, text)
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
 
 
 def list_images(paths, recursive=False):

@@ -2,11 +2,14 @@
 
 Differences from ``basicsr.utils.options.parse_options`` (which we otherwise follow):
 - the distributed backend follows the hardware (gloo on CPU, NCCL on CUDA);
-- ``--force_yml a:b=value`` is parsed as YAML, never ``exec``-ed;
+- ``--force_yml a:b=value`` is parsed as YAML, never ``exec``-ed, and options files are read
+  with YAML's safe loader (basicsr's loader builds arbitrary Python objects from tags such as
+  ``!!python/object/apply``);
 - unknown top-level keys and values of the wrong type are errors that name the file and key,
   instead of being ignored or failing deep inside a run;
 - the ``type`` of the model, datasets, networks, losses and optimisers must be registered and
-  their keyword arguments must fit the class, checked before a run creates any folder.
+  their keyword arguments must fit the class, checked before a run creates any folder; so must
+  the ``type`` and arguments of the validation metrics (``val:metrics``).
 """
 import argparse
 import difflib
@@ -19,7 +22,7 @@ from os import path as osp
 import torch
 import yaml
 from basicsr.utils import set_random_seed
-from basicsr.utils.options import dict2str, ordered_yaml  # noqa: F401  (dict2str re-exported)
+from basicsr.utils.options import dict2str  # noqa: F401  (re-exported)
 
 from .dist import get_dist_info, init_dist, master_only
 
@@ -47,13 +50,27 @@ KNOWN_TRAIN_KEYS = {'total_iter', 'warmup_iter', 'scheduler', 'max_bad_steps', '
 MIXED_PRECISION = OrderedDict([('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)])
 
 
+# Keys of a val:metrics entry that route images to the metric instead of being its arguments.
+METRIC_ROUTING_KEYS = ('type', 'output', 'target', 'better', 'optional')
+
+
+class OrderedSafeLoader(yaml.SafeLoader):
+    """YAML's safe loader (plain data only: an options file is untrusted input), with mappings
+    read as OrderedDicts, as basicsr's loader gives them."""
+
+
+OrderedSafeLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    lambda loader, node: OrderedDict(loader.construct_pairs(node)))
+
+
 def load_options_file(opt_path):
     """Read an options YAML into an OrderedDict; one clear error for every way it can be wrong."""
     if not osp.isfile(opt_path):
         raise OptionsError(f'{opt_path}: options file not found')
     try:
         with open(opt_path, encoding='utf-8') as f:
-            opt = yaml.load(f, Loader=ordered_yaml()[0])
+            opt = yaml.load(f, Loader=OrderedSafeLoader)  # noqa: S506  (a safe loader)
     except yaml.YAMLError as err:
         mark = getattr(err, 'problem_mark', None)
         where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else ''
@@ -205,7 +222,7 @@ def check_components(opt, opt_path):
     the key, raised before the run creates anything, instead of a traceback from inside the model.
     """
     from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY
-    _registered(MODEL_REGISTRY, 'model', opt['model_type'], opt_path, 'model_type')
+    model = _registered(MODEL_REGISTRY, 'model', opt['model_type'], opt_path, 'model_type')
     for phase, dataset in opt['datasets'].items():
         _registered(DATASET_REGISTRY, 'dataset', dataset['type'], opt_path, f'datasets:{phase}:type')
     for key, block in opt.items():
@@ -223,6 +240,44 @@ def check_components(opt, opt_path):
         elif key.endswith('_opt'):
             loss = _registered(LOSS_REGISTRY, 'loss', block['type'], opt_path, f'train:{key}:type')
             _check_arguments(loss, block, opt_path, f'train:{key}')
+    image_names = model.image_names() if hasattr(model, 'image_names') else None
+    _check_metrics(opt.get('val') or {}, opt_path, opt['model_type'], image_names)
+
+
+def _check_metrics(val, opt_path, model_type, image_names):
+    """``val:metrics``: each a registered metric with arguments it accepts and an ``output`` and a
+    ``target`` among the model's ``image_names`` (when known); ``val:outputs`` a list of those names.
+    A misspelt name would otherwise measure or save nothing, silently."""
+    from basicsr.utils.registry import METRIC_REGISTRY
+    metrics = val.get('metrics')
+    _expect(metrics is None or isinstance(metrics, dict), opt_path, 'val:metrics',
+            'must be a mapping of metric names to their options')
+    for name, block in (metrics or {}).items():
+        key = f'val:metrics:{name}'
+        _expect(isinstance(block, dict) and isinstance(block.get('type'), str), opt_path, key,
+                'must be a mapping with a "type" (e.g. calculate_psnr)')
+        metric = _registered(METRIC_REGISTRY, 'metric', block['type'], opt_path, f'{key}:type')
+        for role in ('output', 'target'):
+            _expect(isinstance(block.get(role), str), opt_path, f'{key}:{role}',
+                    f'is required: the name of the {role} image'
+                    + (f' ({", ".join(image_names)})' if image_names else ''))
+            _check_image_name(block[role], image_names, opt_path, f'{key}:{role}', model_type)
+        arguments = {k: v for k, v in block.items() if k not in METRIC_ROUTING_KEYS}
+        _check_arguments(metric, arguments, opt_path, key, None, None)  # metric(img, img2, **arguments)
+    outputs = val.get('outputs')
+    _expect(outputs is None or (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)),
+            opt_path, 'val:outputs', f'must be a list of image names, got {outputs!r}')
+    for name in outputs or ():
+        _check_image_name(name, image_names, opt_path, 'val:outputs', model_type)
+
+
+def _check_image_name(name, image_names, opt_path, key, model_type):
+    if image_names is None or name in image_names:
+        return
+    close = difflib.get_close_matches(name, image_names, n=1)
+    hint = f' (did you mean "{close[0]}"?)' if close else ''
+    raise OptionsError(f'{opt_path}: option {key}: {model_type} has no image named "{name}"{hint}; '
+                       f'it has {", ".join(image_names)}')
 
 
 def apply_force_yml(opt, entries, opt_path='--force_yml'):
