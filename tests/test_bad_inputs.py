@@ -30,6 +30,7 @@ from PIL import Image
 from vqir.data.hr_image_dataset import HRImageDataset
 from vqir.inference import Rescaler
 from vqir.rescale import main as rescale_main
+from vqir.test_pipeline import main as evaluation_main
 from vqir.train_pipeline import main as train_main
 from vqir.utils.checkpoint import save_state_dict
 
@@ -85,6 +86,15 @@ OPTION_ERRORS = [
     ('yaml_syntax', 'name: stage0_vqgan_tiny', 'name: [stage0_vqgan_tiny',  # the parser stops on the next line
      f'not valid YAML (line {STAGE0_TEXT.splitlines().index("name: stage0_vqgan_tiny") + 2}, column '),
     ('top_level_list', STAGE0_TEXT, '- a\n- b\n', 'expected a mapping of options at the top level, got list'),
+    ('batch_larger_than_the_dataset', '    batch_size_per_gpu: 4\n    dataset_enlarge_ratio: 8',
+     '    batch_size_per_gpu: 8\n    dataset_enlarge_ratio: 1',
+     'datasets:train: 7 images x enlarge ratio 1 is fewer than one batch of 8 per process'),
+    ('train_key_of_another_model', '  warmup_iter: -1', '  warmup_iter: -1\n  gan_start_iter: 10',
+     'option train:gan_start_iter is read only by VQIRRFModel; VQGANModel would ignore it'),
+    ('inference_key_typo', '\nlogger:', '\ninference:\n  tiel: 64\n\nlogger:',
+     'option inference:tiel is not a known inference key (did you mean "tile"?)'),
+    ('inference_two_precisions', '\nlogger:', '\ninference:\n  half: true\n  bf16: true\n\nlogger:',
+     'option inference asks for both half (fp16) and bf16: choose one'),
     # an options file is untrusted input: YAML's Python tags are refused, nothing is run
     ('yaml_python_tag', 'name: stage0_vqgan_tiny', 'name: !!python/object/apply:os.system ["echo ran > RAN"]',
      f'not valid YAML (line {STAGE0_TEXT.splitlines().index("name: stage0_vqgan_tiny") + 1}, column 7): could not '
@@ -133,6 +143,21 @@ def test_option_errors_are_one_line_and_create_nothing(tmp_path, demo, capsys, c
     assert 'Traceback' not in err
     assert not root.exists()
     assert not (tmp_path / 'RAN').exists() and not osp.exists('RAN')
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='fp16 inference is refused only without CUDA')
+def test_test_pipeline_refuses_fp16_on_cpu_before_writing_results(tmp_path, demo, capsys):
+    weights = tmp_path / 'net_g.pth'
+    weights.write_bytes(b'never read')
+    root = tmp_path / 'root'
+    with pytest.raises(SystemExit) as stop:
+        evaluation_main(['-opt', osp.join(ROOT, 'options', 'test', 'test_stage0_vqgan_tiny.yml'), '--force_yml',
+                   f'path:root={root}', f'path:pretrain_network_g={weights}', f'datasets:test_1:dataroot_gt={demo}/val',
+                   'inference={half: true}'])
+    lines = error_lines(capsys.readouterr().err)
+    assert stop.value.code == 1 and len(lines) == 1, lines
+    assert lines[0].endswith('option inference:half needs a CUDA device (fp16 autocast); on a CPU use bf16'), lines
+    assert not root.exists()
 
 
 def test_missing_and_binary_options_files(tmp_path, capsys):

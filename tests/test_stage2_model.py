@@ -192,7 +192,10 @@ def test_train_and_test_pipelines(tmp_path, setup):
                                 'io_backend': {'type': 'disk'}, 'ir_scale': 16}},
         'network_g': net_opt,
         'path': {'pretrain_network_g': str(exp / 'models' / 'net_g_latest.pth'), 'strict_load_g': True},
-        'val': {'save_img': True, 'pbar': False, 'metrics': {
+        # the VQGAN decoder's own image too: kept, saved and measured like the levels
+        'inference': {'decoder_image': True},
+        'val': {'save_img': True, 'pbar': False, 'outputs': ['LR', 'Level_1', 'Level_2', 'Level_4', 'SR'], 'metrics': {
+            'psnr_sr': dict(level_metric, output='SR', target='gt', crop_border=16),
             'psnr_level1': dict(level_metric, output='Level_1', target='gt', crop_border=16),
             'psnr_level2': dict(level_metric, output='Level_2', target='gt_level2', crop_border=8),
             'psnr_level4': dict(level_metric, output='Level_4', target='gt_level4', crop_border=4),
@@ -203,10 +206,11 @@ def test_train_and_test_pipelines(tmp_path, setup):
     model = run_test_pipeline(str(root), argv=['-opt', str(test_yml)])
     results = root / 'results' / 'stage2_tiny_test'
     for name, (height, width) in VAL_PHOTOS:
-        for key, factor in (('Level_1', 1), ('Level_2', 2), ('Level_4', 4), ('LR', 16)):
+        for key, factor in (('Level_1', 1), ('Level_2', 2), ('Level_4', 4), ('LR', 16), ('SR', 1)):
             img = cv2.imread(str(results / 'photos' / key / f'{name}.png'))
             assert img.shape == (-(-height // factor), -(-width // factor), 3), (name, key)
     rows = read_csv(results / 'metrics_photos.csv')
     assert [r['image'] for r in rows] == ['astronaut', 'coffee', 'mean']
-    assert set(rows[0]) == {'image', 'psnr_level1', 'psnr_level2', 'psnr_level4', 'psnr_lr'}
+    assert set(rows[0]) == {'image', 'psnr_sr', 'psnr_level1', 'psnr_level2', 'psnr_level4', 'psnr_lr'}
+    assert float(rows[0]['psnr_sr']) != float(rows[0]['psnr_level1'])  # a different image
     assert float(rows[-1]['psnr_level1']) == pytest.approx(model.last_validation['mean']['psnr_level1'], abs=1e-4)

@@ -104,6 +104,14 @@ def build_datasets(opt, opt_file):
             datasets[phase] = build_dataset(dataset_opt)
         except (ValueError, FileNotFoundError) as err:
             raise OptionsError(f'{opt_file}: datasets:{phase}: {err}') from None
+        if phase == 'train':
+            ratio = dataset_opt.get('dataset_enlarge_ratio', 1)
+            per_process = len(ResumableSampler(datasets[phase], opt['world_size'], opt['rank'], ratio))
+            if per_process < dataset_opt['batch_size_per_gpu']:  # the train loader drops incomplete batches
+                raise OptionsError(
+                    f'{opt_file}: datasets:train: {len(datasets[phase])} images x enlarge ratio {ratio} is fewer than '
+                    f'one batch of {dataset_opt["batch_size_per_gpu"]} per process; lower batch_size_per_gpu or '
+                    'raise dataset_enlarge_ratio')
     return datasets
 
 
@@ -124,11 +132,7 @@ def create_train_val_dataloaders(opt, logger, datasets):
             train_sampler = ResumableSampler(train_set, opt['world_size'], opt['rank'], ratio)
             train_loader = build_dataloader(train_set, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'],
                                             sampler=train_sampler, seed=opt['manual_seed'])
-            iters_per_epoch = len(train_loader)
-            if iters_per_epoch == 0:
-                raise ValueError(f'datasets:train: {len(train_set)} images x enlarge ratio {ratio} is fewer than one '
-                                 f'batch of {dataset_opt["batch_size_per_gpu"]} per process; lower batch_size_per_gpu '
-                                 'or raise dataset_enlarge_ratio')
+            iters_per_epoch = len(train_loader)  # > 0: build_datasets checked it
             total_iters = int(opt['train']['total_iter'])
             logger.info('Training statistics:'
                         f'\n\tNumber of train images: {len(train_set)}'

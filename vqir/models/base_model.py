@@ -86,9 +86,9 @@ class VQIRBaseModel(BaseModel):
         self.grad_scalers = OrderedDict()  # optimised part -> GradScaler (fp16 only), made at its first step
 
     @classmethod
-    def image_names(cls):
-        """Names of the images ``get_current_visuals()`` can give (outputs, then targets), which
-        ``val:metrics`` and ``val:outputs`` may name; None when not known in advance."""
+    def image_names(cls, opt=None):
+        """Names of the images ``get_current_visuals()`` can give with the options ``opt`` (outputs,
+        then targets), which ``val:metrics`` and ``val:outputs`` may name; None when not known."""
         return None
 
     def _mixed_precision_dtype(self):
@@ -378,8 +378,14 @@ class VQIRBaseModel(BaseModel):
                                                   f'has no {output_key if output_key not in images else target_key}')
                     continue
                 arguments = {k: v for k, v in opt_.items() if k not in METRIC_ROUTING_KEYS or k == 'type'}
-                row[metric_name] = float(calculate_metric({'img': images[output_key], 'img2': images[target_key]},
-                                                          arguments))
+                value = float(calculate_metric({'img': images[output_key], 'img2': images[target_key]}, arguments))
+                if not math.isfinite(value) and metric_name not in skipped:
+                    skipped.add(metric_name)  # e.g. SSIM of a 4x4 LR: no 11x11 window fits
+                    height, width = images[output_key].shape[:2]
+                    get_root_logger().warning(
+                        f'metric {metric_name} is {value} for {dataset_name}/{img_name}: {output_key} is {width}x{height} '
+                        f'pixels (crop border {arguments.get("crop_border", 0)}), maybe too small for the metric')
+                row[metric_name] = value
             rows.append(row)
             if save_img:
                 for key in self.saved_outputs():

@@ -82,8 +82,15 @@ class RescalingModel(VQIRBaseModel):
     default_saved_outputs = ()  # images written by validation
 
     @classmethod
-    def image_names(cls):
-        return ('LR', ) + tuple(cls.output_keys) + TARGET_KEYS
+    def image_names(cls, opt=None):
+        return ('LR', ) + cls.kept_outputs(opt) + TARGET_KEYS
+
+    @classmethod
+    def kept_outputs(cls, opt):
+        """The reconstructions ``test()`` keeps: ``output_keys``, and in stage 2 the VQGAN decoder's
+        own image ``SR`` when ``inference: decoder_image`` asks for it."""
+        decoder_image = cls.stage == 2 and bool(((opt or {}).get('inference') or {}).get('decoder_image'))
+        return tuple(cls.output_keys) + (('SR', ) if decoder_image else ())
 
     def __init__(self, opt):
         super().__init__(opt)
@@ -223,8 +230,11 @@ class RescalingModel(VQIRBaseModel):
             if unknown:
                 raise ValueError(f'{self.opt.get("opt_path", "options")}: unknown inference option(s) {unknown} '
                                  f'(known: {", ".join(INFERENCE_KEYS)})')
-            self._rescaler = Rescaler(self.bare_net, ir_scale=self.ir_scale, network_color=self.network_color,
-                                      **inference_opt)
+            try:
+                self._rescaler = Rescaler(self.bare_net, ir_scale=self.ir_scale, network_color=self.network_color,
+                                          **inference_opt)
+            except ValueError as err:
+                raise ValueError(f'{self.opt.get("opt_path", "options")}: option inference: {err}') from None
         return self._rescaler
 
     def test(self):
@@ -237,7 +247,7 @@ class RescalingModel(VQIRBaseModel):
         """
         lr, outputs = self.rescaler.roundtrip(self.gt)
         self.output = OrderedDict(LR=lr)
-        self.output.update((key, outputs[key]) for key in self.output_keys)
+        self.output.update((key, outputs[key]) for key in self.kept_outputs(self.opt))
         if self.rescaler.size_mode == 'mod_crop':
             height, width = self.rescaler.network_size(*self.gt.shape[-2:])
             factors = {'gt': 1, 'lq': self.ir_scale, 'gt_level2': 2, 'gt_level4': 4}

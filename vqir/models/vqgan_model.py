@@ -80,7 +80,7 @@ class VQGANModel(VQIRBaseModel):
     default_saved_outputs = ('rec', )
 
     @classmethod
-    def image_names(cls):
+    def image_names(cls, opt=None):
         return ('rec', 'gt')
 
     def __init__(self, opt):

@@ -34,8 +34,8 @@ Options: see :mod:`vqir.models.rescaling_base` for the network, weights and infe
 
 Logged: l_pix and l_edge (summed over the levels), l_percep, l_g_gan, l_g_total, l_d_real,
 l_d_fake, l_d (GAN terms are 0 while the GAN is off, so every row has the same columns).
-Validation outputs: ``LR``, ``Level_1``, ``Level_2``, ``Level_4``; targets ``gt``, ``lq``,
-``gt_level2``, ``gt_level4``.
+Validation outputs: ``LR``, ``Level_1``, ``Level_2``, ``Level_4`` (and ``SR``, the VQGAN decoder's
+own image, with ``inference: decoder_image``); targets ``gt``, ``lq``, ``gt_level2``, ``gt_level4``.
 """
 from collections import OrderedDict
 

@@ -46,6 +46,9 @@ KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs'
 KNOWN_TRAIN_KEYS = {'total_iter', 'warmup_iter', 'scheduler', 'max_bad_steps', 'grad_clip_norm',
                     'codebook_restart_every', 'gan_start_iter', 'net_d_iters', 'net_d_init_iters',
                     'mixed_precision'}
+# train keys that one model alone reads; in another model's file they would be ignored silently
+MODEL_TRAIN_KEYS = {'codebook_restart_every': 'VQGANModel', 'gan_start_iter': 'VQIRRFModel',
+                    'net_d_iters': 'VQIRRFModel', 'net_d_init_iters': 'VQIRRFModel'}
 # train.mixed_precision -> autocast dtype (None: float32 throughout)
 MIXED_PRECISION = OrderedDict([('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)])
 
@@ -149,6 +152,9 @@ def check_options(opt, opt_path, is_train):
                 hint = f' (did you mean "{close[0]}"?)' if close else ''
                 _expect(False, opt_path, f'train:{key}', f'is not a known train key{hint}: known are '
                         f'{", ".join(sorted(KNOWN_TRAIN_KEYS))}, optim_* (optimisers) and *_opt (losses)')
+        for key, owner in MODEL_TRAIN_KEYS.items():
+            _expect(key not in train or opt['model_type'] == owner, opt_path, f'train:{key}',
+                    f'is read only by {owner}; {opt["model_type"]} would ignore it')
         restart = train.get('codebook_restart_every')
         _expect(restart is None or (_is_int(restart) and restart > 0),
                 opt_path, 'train:codebook_restart_every', f'must be a positive integer (or absent), got {restart!r}')
@@ -240,8 +246,27 @@ def check_components(opt, opt_path):
         elif key.endswith('_opt'):
             loss = _registered(LOSS_REGISTRY, 'loss', block['type'], opt_path, f'train:{key}:type')
             _check_arguments(loss, block, opt_path, f'train:{key}')
-    image_names = model.image_names() if hasattr(model, 'image_names') else None
+    image_names = model.image_names(opt) if hasattr(model, 'image_names') else None
     _check_metrics(opt.get('val') or {}, opt_path, opt['model_type'], image_names)
+    _check_inference(opt, opt_path)
+
+
+def _check_inference(opt, opt_path):
+    """``inference``: known keys, and a precision this machine can run (the Rescaler checks the rest)."""
+    from vqir.inference import INFERENCE_KEYS
+    inference = opt.get('inference')
+    if inference is None:
+        return
+    _expect(isinstance(inference, dict), opt_path, 'inference', 'must be a mapping')
+    for key in inference:
+        close = difflib.get_close_matches(key, INFERENCE_KEYS, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ''
+        _expect(key in INFERENCE_KEYS, opt_path, f'inference:{key}',
+                f'is not a known inference key{hint}: known are {", ".join(INFERENCE_KEYS)}')
+    _expect(not (inference.get('half') and inference.get('bf16')), opt_path, 'inference',
+            'asks for both half (fp16) and bf16: choose one')
+    _expect(not inference.get('half') or (opt.get('num_gpu') != 0 and torch.cuda.is_available()), opt_path,
+            'inference:half', 'needs a CUDA device (fp16 autocast); on a CPU use bf16')
 
 
 def _check_metrics(val, opt_path, model_type, image_names):
@@ -308,11 +333,15 @@ def build_arg_parser(is_train):
     parser = argparse.ArgumentParser(description=('Train' if is_train else 'Test') + ' a vqir model from an options YAML.')
     parser.add_argument('-opt', type=str, required=True, help='Path to the option YAML file.')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none', help='job launcher')
-    parser.add_argument('--auto_resume', action='store_true', help='resume from the newest training state')
-    parser.add_argument('--debug', action='store_true', help='debug mode: name gets a debug_ prefix, frequent logs')
+    # accepted by test.py as well, as basicsr's parser does, but only training uses them
+    parser.add_argument('--auto_resume', action='store_true',
+                        help='resume from the newest training state' if is_train else argparse.SUPPRESS)
+    parser.add_argument('--debug', action='store_true',
+                        help='debug mode: name gets a debug_ prefix, frequent logs' if is_train else argparse.SUPPRESS)
     parser.add_argument('--local_rank', type=int, default=0)
-    parser.add_argument('--force_yml', nargs='+', default=None,
-                        help='override options, e.g. train:total_iter=100 datasets:train:batch_size_per_gpu=2')
+    example = ('train:total_iter=100 datasets:train:batch_size_per_gpu=2' if is_train else
+               'path:pretrain_network_g=net_g.pth inference:tile=512')
+    parser.add_argument('--force_yml', nargs='+', default=None, help=f'override options, e.g. {example}')
     if not is_train:
         parser.add_argument('--tile', type=int, default=None, help='tile size in HR pixels (0 = never tile)')
         parser.add_argument('--tile_overlap', type=int, default=None, help='overlap between tiles in HR pixels')
