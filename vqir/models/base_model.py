@@ -358,7 +358,7 @@ class VQIRBaseModel(BaseModel):
         pbar = tqdm(total=len(dataloader) if not max_images else min(max_images, len(dataloader)), unit='image',
                     desc=f'{dataset_name}', dynamic_ncols=True, disable=not val_opt.get('pbar', True))
         metric_opts = self._drop_unavailable_metrics(metric_opts)
-        skipped = set()
+        warned = set()  # metrics already warned about
         self.begin_validation()
         for idx, val_data in enumerate(dataloader):
             if max_images and idx >= max_images:
@@ -372,15 +372,15 @@ class VQIRBaseModel(BaseModel):
             for metric_name, opt_ in metric_opts.items():
                 output_key, target_key = opt_['output'], opt_['target']
                 if output_key not in images or target_key not in images:
-                    if metric_name not in skipped:  # e.g. a test set without the target images
-                        skipped.add(metric_name)
+                    if metric_name not in warned:  # e.g. a test set without the target images
+                        warned.add(metric_name)
                         get_root_logger().warning(f'metric {metric_name} skipped for {dataset_name}: image {img_name} '
                                                   f'has no {output_key if output_key not in images else target_key}')
                     continue
-                arguments = {k: v for k, v in opt_.items() if k not in METRIC_ROUTING_KEYS or k == 'type'}
+                arguments = {k: v for k, v in opt_.items() if k not in METRIC_ROUTING_KEYS}  # with its type
                 value = float(calculate_metric({'img': images[output_key], 'img2': images[target_key]}, arguments))
-                if not math.isfinite(value) and metric_name not in skipped:
-                    skipped.add(metric_name)  # e.g. SSIM of a 4x4 LR: no 11x11 window fits
+                if not math.isfinite(value) and metric_name not in warned:
+                    warned.add(metric_name)  # e.g. SSIM of a 4x4 LR: no 11x11 window fits
                     height, width = images[output_key].shape[:2]
                     get_root_logger().warning(
                         f'metric {metric_name} is {value} for {dataset_name}/{img_name}: {output_key} is {width}x{height} '

@@ -33,9 +33,10 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
 from torch import nn
 
-from vqir.inference import INFERENCE_KEYS, Rescaler
+from vqir.inference import Rescaler
 from vqir.models.base_model import VQIRBaseModel
 from vqir.utils.checkpoint import CheckpointError
+from vqir.utils.options import check_inference_options
 
 __all__ = ['RescalingModel', 'VQGAN_PARTS', 'freeze_in_eval', 'PartsView']
 
@@ -226,10 +227,7 @@ class RescalingModel(VQIRBaseModel):
         """The :class:`vqir.inference.Rescaler` of this network, from the ``inference`` options."""
         if self._rescaler is None:
             inference_opt = dict(self.opt.get('inference') or {})
-            unknown = sorted(set(inference_opt) - set(INFERENCE_KEYS))
-            if unknown:
-                raise ValueError(f'{self.opt.get("opt_path", "options")}: unknown inference option(s) {unknown} '
-                                 f'(known: {", ".join(INFERENCE_KEYS)})')
+            check_inference_options(self.opt, self.opt.get('opt_path', 'options'))  # as parse_options does
             try:
                 self._rescaler = Rescaler(self.bare_net, ir_scale=self.ir_scale, network_color=self.network_color,
                                           **inference_opt)

@@ -53,8 +53,8 @@ MODEL_TRAIN_KEYS = {'codebook_restart_every': 'VQGANModel', 'gan_start_iter': 'V
 MIXED_PRECISION = OrderedDict([('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)])
 
 
-# Keys of a val:metrics entry that route images to the metric instead of being its arguments.
-METRIC_ROUTING_KEYS = ('type', 'output', 'target', 'better', 'optional')
+# Keys of a val:metrics entry, besides its type, that are not arguments of the metric function.
+METRIC_ROUTING_KEYS = ('output', 'target', 'better', 'optional')
 
 
 class OrderedSafeLoader(yaml.SafeLoader):
@@ -248,10 +248,10 @@ def check_components(opt, opt_path):
             _check_arguments(loss, block, opt_path, f'train:{key}')
     image_names = model.image_names(opt) if hasattr(model, 'image_names') else None
     _check_metrics(opt.get('val') or {}, opt_path, opt['model_type'], image_names)
-    _check_inference(opt, opt_path)
+    check_inference_options(opt, opt_path)
 
 
-def _check_inference(opt, opt_path):
+def check_inference_options(opt, opt_path):
     """``inference``: known keys, and a precision this machine can run (the Rescaler checks the rest)."""
     from vqir.inference import INFERENCE_KEYS
     inference = opt.get('inference')
