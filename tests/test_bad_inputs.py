@@ -145,18 +145,33 @@ def test_option_errors_are_one_line_and_create_nothing(tmp_path, demo, capsys, c
     assert not (tmp_path / 'RAN').exists() and not osp.exists('RAN')
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason='fp16 inference is refused only without CUDA')
-def test_test_pipeline_refuses_fp16_on_cpu_before_writing_results(tmp_path, demo, capsys):
+TEST_STAGE0_YML = osp.join(ROOT, 'options', 'test', 'test_stage0_vqgan_tiny.yml')
+# (case, --force_yml entries, what the error line says after the options file's name)
+TEST_PIPELINE_ERRORS = [
+    ('missing_weights', ['path:pretrain_network_g=/nonexistent/net_g.pth'],
+     'option path:pretrain_network_g: /nonexistent/net_g.pth: no such file'),
+    ('missing_test_folder', ['datasets:test_1:dataroot_gt=/nonexistent/photos'], 'datasets:test_1: '),
+    ('missing_lpips_backbone', ['val:metrics:lpips={type: calculate_lpips, output: rec, target: gt}'],
+     "option val:metrics:lpips: LPIPS 'vgg' needs the ImageNet backbone weights file 'vgg16-397923af.pth'"),
+]
+if not torch.cuda.is_available():
+    TEST_PIPELINE_ERRORS.append(('fp16_on_cpu', ['inference={half: true}'],
+                                 'option inference:half needs a CUDA device (fp16 autocast); on a CPU use bf16'))
+
+
+@pytest.mark.parametrize('case, overrides, message', TEST_PIPELINE_ERRORS, ids=[c[0] for c in TEST_PIPELINE_ERRORS])
+def test_test_pipeline_errors_are_one_line_and_create_nothing(tmp_path, demo, capsys, monkeypatch, case, overrides,
+                                                              message):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty_torch_home'))
     weights = tmp_path / 'net_g.pth'
     weights.write_bytes(b'never read')
     root = tmp_path / 'root'
     with pytest.raises(SystemExit) as stop:
-        evaluation_main(['-opt', osp.join(ROOT, 'options', 'test', 'test_stage0_vqgan_tiny.yml'), '--force_yml',
-                   f'path:root={root}', f'path:pretrain_network_g={weights}', f'datasets:test_1:dataroot_gt={demo}/val',
-                   'inference={half: true}'])
+        evaluation_main(['-opt', TEST_STAGE0_YML, '--force_yml', f'path:root={root}',
+                         f'path:pretrain_network_g={weights}', f'datasets:test_1:dataroot_gt={demo}/val', *overrides])
     lines = error_lines(capsys.readouterr().err)
     assert stop.value.code == 1 and len(lines) == 1, lines
-    assert lines[0].endswith('option inference:half needs a CUDA device (fp16 autocast); on a CPU use bf16'), lines
+    assert lines[0].startswith(f'error: {TEST_STAGE0_YML}: {message}'), lines
     assert not root.exists()
 
 

@@ -128,7 +128,7 @@ def test_bf16_training_with_every_loss(tmp_path, setup):
     assert all(p.dtype == torch.float32 for p in list(net.parameters()) + list(net_d.parameters()))
 
 
-def test_missing_lpips_weights_stop_the_run_at_start(tmp_path, setup, monkeypatch):
+def test_missing_lpips_weights_stop_the_run_before_it_creates_anything(tmp_path, setup, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty_torch_home'))
     root = tmp_path / 'run'
     with pytest.raises(LPIPSWeightsNotFoundError) as err:
@@ -140,7 +140,8 @@ def test_missing_lpips_weights_stop_the_run_at_start(tmp_path, setup, monkeypatc
     message = str(err.value)
     assert 'vgg16-397923af.pth' in message and os.path.join(str(tmp_path / 'empty_torch_home'), 'hub',
                                                             'checkpoints') in message
-    assert os.listdir(root / 'experiments' / 'stage2_msrm_tiny' / 'models') == []
+    assert message.startswith(f'{TINY_YML}: option train:perceptual_opt: ')
+    assert not root.exists()  # found before the run created anything
 
 
 def test_checkpoints_must_fit(tmp_path, setup):

@@ -6,18 +6,22 @@ Writes ``results/<name>/<test set>/<output>/<image>.png`` and ``results/<name>/m
 from os import path as osp
 
 import torch
-from basicsr.data import build_dataloader, build_dataset
+from basicsr.data import build_dataloader
 from basicsr.models import build_model
 from basicsr.utils import get_env_info, get_time_str, mkdir_and_rename
 
+from vqir.train_pipeline import build_datasets
 from vqir.utils.entry_point import run_pipeline
-from vqir.utils.options import dict2str, parse_options
+from vqir.utils.options import check_weight_files, dict2str, parse_options
 from vqir.utils.run_logger import init_run_logger
 
 
 def test_pipeline(root_path, argv=None):
-    opt, _ = parse_options(root_path, is_train=False, argv=argv)
+    opt, args = parse_options(root_path, is_train=False, argv=argv)
     torch.backends.cudnn.benchmark = bool(opt.get('cudnn_benchmark', True))
+    # what can be wrong with the files a run reads is found before it creates its results folder
+    check_weight_files(opt, args.opt)
+    datasets = build_datasets(opt, args.opt)
     if opt['rank'] == 0:
         mkdir_and_rename(opt['path']['results_root'])
     log_file = osp.join(opt['path']['log'], f"test_{opt['name']}_{get_time_str()}.log")
@@ -26,8 +30,8 @@ def test_pipeline(root_path, argv=None):
     logger.info(dict2str(opt))
 
     test_loaders = []
-    for _, dataset_opt in sorted(opt['datasets'].items()):
-        test_set = build_dataset(dataset_opt)
+    for phase, dataset_opt in sorted(opt['datasets'].items()):
+        test_set = datasets[phase]
         test_loaders.append(build_dataloader(test_set, dataset_opt, num_gpu=opt['num_gpu'], dist=opt['dist'],
                                              sampler=None, seed=opt['manual_seed']))
         logger.info(f"Number of test images in {dataset_opt['name']}: {len(test_set)}")

@@ -29,7 +29,7 @@ from vqir.models.base_model import NonFiniteLossError
 from vqir.utils.allocator import keep_freed_memory
 from vqir.utils.checkpoint import CheckpointError, load_checkpoint
 from vqir.utils.entry_point import run_pipeline
-from vqir.utils.options import OptionsError, copy_opt_file, dict2str, parse_options
+from vqir.utils.options import OptionsError, check_weight_files, copy_opt_file, dict2str, parse_options
 from vqir.utils.run_logger import init_run_logger
 
 
@@ -113,13 +113,6 @@ def build_datasets(opt, opt_file):
                     f'one batch of {dataset_opt["batch_size_per_gpu"]} per process; lower batch_size_per_gpu or '
                     'raise dataset_enlarge_ratio')
     return datasets
-
-
-def check_weight_files(opt, opt_file):
-    """Every ``path:pretrain_network_*`` names an existing file (checked before anything is created)."""
-    for key, value in opt['path'].items():
-        if key.startswith('pretrain_network_') and isinstance(value, str) and not osp.isfile(value):
-            raise OptionsError(f'{opt_file}: option path:{key}: {value}: no such file')
 
 
 def create_train_val_dataloaders(opt, logger, datasets):

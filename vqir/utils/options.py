@@ -305,6 +305,34 @@ def _check_image_name(name, image_names, opt_path, key, model_type):
                        f'it has {", ".join(image_names)}')
 
 
+def check_weight_files(opt, opt_path):
+    """The weight files a run reads exist, checked before it creates any folder: every
+    ``path:pretrain_network_*``, and the LPIPS backbone (in the torch cache) of a weighted LPIPS
+    loss (``LPIPSLoss``, or ``VQGANLoss`` with ``perceptual_weight``) or of a ``calculate_lpips``
+    metric not marked ``optional`` (an optional one is skipped at validation instead)."""
+    from vqir.utils.lpips_weights import LPIPSWeightsNotFoundError, lpips_backbone_path
+    for key, value in opt['path'].items():
+        if key.startswith('pretrain_network_') and isinstance(value, str) and not osp.isfile(value):
+            raise OptionsError(f'{opt_path}: option path:{key}: {value}: no such file')
+    backbones = []  # (option key, LPIPS net)
+    for key, block in (opt.get('train') or {}).items():
+        if not (key.endswith('_opt') and isinstance(block, dict)):
+            continue
+        if block.get('type') == 'LPIPSLoss' and block.get('loss_weight', 1.0) and block.get('pretrained_backbone', True):
+            backbones.append((f'train:{key}', block.get('net', 'vgg')))
+        if (block.get('type') == 'VQGANLoss' and block.get('perceptual_weight', 1.0)
+                and block.get('perceptual_pretrained_backbone', True)):
+            backbones.append((f'train:{key}', block.get('perceptual_net', 'vgg')))
+    for name, block in ((opt.get('val') or {}).get('metrics') or {}).items():
+        if block.get('type') == 'calculate_lpips' and block.get('pretrained_backbone', True) and not block.get('optional'):
+            backbones.append((f'val:metrics:{name}', block.get('net', 'vgg')))
+    for key, net in backbones:
+        try:
+            lpips_backbone_path(net)
+        except LPIPSWeightsNotFoundError as err:
+            raise LPIPSWeightsNotFoundError(f'{opt_path}: option {key}: {err}') from None
+
+
 def apply_force_yml(opt, entries, opt_path='--force_yml'):
     """Apply ``a:b:c=value`` overrides; values are parsed as YAML (``1e-4`` stays a number)."""
     for entry in entries or []:
