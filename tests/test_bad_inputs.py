@@ -31,8 +31,10 @@ from vqir.data.hr_image_dataset import HRImageDataset
 from vqir.inference import Rescaler
 from vqir.rescale import main as rescale_main
 from vqir.test_pipeline import main as evaluation_main
+from vqir.train_pipeline import build_datasets
 from vqir.train_pipeline import main as train_main
 from vqir.utils.checkpoint import save_state_dict
+from vqir.utils.options import OptionsError, parse_options
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STAGE0_YML = osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml')
@@ -173,6 +175,27 @@ def test_test_pipeline_errors_are_one_line_and_create_nothing(tmp_path, demo, ca
     assert stop.value.code == 1 and len(lines) == 1, lines
     assert lines[0].startswith(f'error: {TEST_STAGE0_YML}: {message}'), lines
     assert not root.exists()
+
+
+def test_metric_arguments_are_checked_as_the_metric_is_called(tmp_path, demo):
+    """calculate_metric passes the images by name: NIQE (one image, then crop_border) is valid."""
+    opt, _ = parse_options(str(tmp_path), is_train=False, argv=[
+        '-opt', TEST_STAGE0_YML, '--force_yml', f'datasets:test_1:dataroot_gt={demo}/val',
+        'val:metrics:niqe={type: calculate_niqe, output: rec, target: gt, crop_border: 0}'])
+    assert opt['val']['metrics']['niqe']['crop_border'] == 0
+
+
+def test_batch_check_counts_every_gpu_of_a_data_parallel_process(demo):
+    """Without a launcher basicsr's loader puts num_gpu batches into one: 7 photos < 2 x 4."""
+    with open(osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml'), encoding='utf-8') as f:
+        opt = yaml.safe_load(f)
+    train = dict(opt['datasets']['train'], dataroot_gt=f'{demo}/train', dataset_enlarge_ratio=1, phase='train')
+    opt['datasets'] = {'train': train}
+    opt.update(dist=False, world_size=1, rank=0, num_gpu=1)
+    build_datasets(opt, 'x.yml')  # 7 >= 4
+    opt['num_gpu'] = 2
+    with pytest.raises(OptionsError, match='7 images x enlarge ratio 1 is fewer than one batch of 8 per process'):
+        build_datasets(opt, 'x.yml')
 
 
 def test_missing_and_binary_options_files(tmp_path, capsys):

@@ -107,11 +107,12 @@ def build_datasets(opt, opt_file):
         if phase == 'train':
             ratio = dataset_opt.get('dataset_enlarge_ratio', 1)
             per_process = len(ResumableSampler(datasets[phase], opt['world_size'], opt['rank'], ratio))
-            if per_process < dataset_opt['batch_size_per_gpu']:  # the train loader drops incomplete batches
+            # basicsr's loader: one batch per GPU of the process (DataParallel: num_gpu of them in one)
+            batch = dataset_opt['batch_size_per_gpu'] * (1 if opt['dist'] or not opt['num_gpu'] else opt['num_gpu'])
+            if per_process < batch:  # the train loader drops incomplete batches
                 raise OptionsError(
                     f'{opt_file}: datasets:train: {len(datasets[phase])} images x enlarge ratio {ratio} is fewer than '
-                    f'one batch of {dataset_opt["batch_size_per_gpu"]} per process; lower batch_size_per_gpu or '
-                    'raise dataset_enlarge_ratio')
+                    f'one batch of {batch} per process; lower batch_size_per_gpu or raise dataset_enlarge_ratio')
     return datasets
 
 

@@ -196,8 +196,9 @@ def _registered(registry, kind, name, opt_path, key):
     raise OptionsError(f'{opt_path}: option {key}: no {kind} named "{name}"{hint}')
 
 
-def _check_arguments(cls, block, opt_path, key, *args):
-    """The options of ``block`` (less ``type``) must be keyword arguments that ``cls`` accepts."""
+def _check_arguments(cls, block, opt_path, key, *args, **given):
+    """The options of ``block`` (less ``type``) must be keyword arguments that ``cls`` accepts, beside
+    the positional ``args`` and keyword ``given`` arguments the caller passes itself."""
     kwargs = {k: v for k, v in block.items() if k != 'type'}
     try:
         signature = inspect.signature(cls)
@@ -215,7 +216,7 @@ def _check_arguments(cls, block, opt_path, key, *args):
             raise OptionsError(f'{opt_path}: option {key}: {cls.__name__} got an unexpected keyword argument '
                                f'{", ".join(described)}')
     try:
-        signature.bind(*args, **kwargs)
+        signature.bind(*args, **given, **kwargs)
     except TypeError as err:
         raise OptionsError(f'{opt_path}: option {key}: {cls.__name__} {err}') from None
 
@@ -288,7 +289,7 @@ def _check_metrics(val, opt_path, model_type, image_names):
                     + (f' ({", ".join(image_names)})' if image_names else ''))
             _check_image_name(block[role], image_names, opt_path, f'{key}:{role}', model_type)
         arguments = {k: v for k, v in block.items() if k not in METRIC_ROUTING_KEYS}
-        _check_arguments(metric, arguments, opt_path, key, None, None)  # metric(img, img2, **arguments)
+        _check_arguments(metric, arguments, opt_path, key, img=None, img2=None)  # as calculate_metric calls it
     outputs = val.get('outputs')
     _expect(outputs is None or (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)),
             opt_path, 'val:outputs', f'must be a list of image names, got {outputs!r}')
