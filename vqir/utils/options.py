@@ -85,6 +85,12 @@ def load_options_file(opt_path):
     return opt
 
 
+def _did_you_mean(name, choices):
+    """' (did you mean "x"?)' for the closest of ``choices``, or '' when none is close."""
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f' (did you mean "{close[0]}"?)' if close else ''
+
+
 def _expect(cond, opt_path, key, what):
     if not cond:
         raise OptionsError(f'{opt_path}: option {key} {what}')
@@ -148,8 +154,7 @@ def check_options(opt, opt_path, is_train):
                         f'datasets:train:{key}', f'must be an integer >= {least}, got {value!r}')
         for key in train:
             if not (key in KNOWN_TRAIN_KEYS or key.startswith('optim_') or key.endswith('_opt')):
-                close = difflib.get_close_matches(key, sorted(KNOWN_TRAIN_KEYS), n=1)
-                hint = f' (did you mean "{close[0]}"?)' if close else ''
+                hint = _did_you_mean(key, sorted(KNOWN_TRAIN_KEYS))
                 _expect(False, opt_path, f'train:{key}', f'is not a known train key{hint}: known are '
                         f'{", ".join(sorted(KNOWN_TRAIN_KEYS))}, optim_* (optimisers) and *_opt (losses)')
         for key, owner in MODEL_TRAIN_KEYS.items():
@@ -191,8 +196,7 @@ def _registered(registry, kind, name, opt_path, key):
     for candidate in (name, f'{name}_basicsr'):
         if candidate in registry:
             return registry.get(candidate)
-    close = difflib.get_close_matches(name, [n for n, _ in registry], n=1)
-    hint = f' (did you mean "{close[0]}"?)' if close else ''
+    hint = _did_you_mean(name, [n for n, _ in registry])
     raise OptionsError(f'{opt_path}: option {key}: no {kind} named "{name}"{hint}')
 
 
@@ -260,10 +264,8 @@ def check_inference_options(opt, opt_path):
         return
     _expect(isinstance(inference, dict), opt_path, 'inference', 'must be a mapping')
     for key in inference:
-        close = difflib.get_close_matches(key, INFERENCE_KEYS, n=1)
-        hint = f' (did you mean "{close[0]}"?)' if close else ''
-        _expect(key in INFERENCE_KEYS, opt_path, f'inference:{key}',
-                f'is not a known inference key{hint}: known are {", ".join(INFERENCE_KEYS)}')
+        _expect(key in INFERENCE_KEYS, opt_path, f'inference:{key}', f'is not a known inference key'
+                f'{_did_you_mean(key, INFERENCE_KEYS)}: known are {", ".join(INFERENCE_KEYS)}')
     _expect(not (inference.get('half') and inference.get('bf16')), opt_path, 'inference',
             'asks for both half (fp16) and bf16: choose one')
     _expect(not inference.get('half') or (opt.get('num_gpu') != 0 and torch.cuda.is_available()), opt_path,
@@ -300,9 +302,8 @@ def _check_metrics(val, opt_path, model_type, image_names):
 def _check_image_name(name, image_names, opt_path, key, model_type):
     if image_names is None or name in image_names:
         return
-    close = difflib.get_close_matches(name, image_names, n=1)
-    hint = f' (did you mean "{close[0]}"?)' if close else ''
-    raise OptionsError(f'{opt_path}: option {key}: {model_type} has no image named "{name}"{hint}; '
+    raise OptionsError(f'{opt_path}: option {key}: {model_type} has no image named "{name}"'
+                       f'{_did_you_mean(name, image_names)}; '
                        f'it has {", ".join(image_names)}')
 
 
@@ -369,7 +370,7 @@ def build_arg_parser(is_train):
                         help='debug mode: name gets a debug_ prefix, frequent logs' if is_train else argparse.SUPPRESS)
     parser.add_argument('--local_rank', type=int, default=0)
     example = ('train:total_iter=100 datasets:train:batch_size_per_gpu=2' if is_train else
-               'path:pretrain_network_g=net_g.pth inference:tile=512')
+               'path:pretrain_network_g=net_g.pth datasets:test_1:dataroot_gt=photos')
     parser.add_argument('--force_yml', nargs='+', default=None, help=f'override options, e.g. {example}')
     if not is_train:
         parser.add_argument('--tile', type=int, default=None, help='tile size in HR pixels (0 = never tile)')
