@@ -110,7 +110,7 @@ def test_smoke_run_measures_every_case(smoke_run):
 
 
 def test_smoke_reference_comparison(smoke_run):
-    payload, _ = smoke_run
+    payload, stdout = smoke_run
     cases = cases_by_id(payload)
     fwd = cases['cpu/x16/ref_forward/96x64']
     # same weights, same network: identical outputs and FLOPs; the substitution for timm is recorded
@@ -127,6 +127,15 @@ def test_smoke_reference_comparison(smoke_run):
         # the same losses (one LPIPS), discriminator copies and noise seed: the same first step
         assert train['first_step_losses']['ours'] == train['first_step_losses']['ref']
         assert train['ours']['flops']['total'] == train['ref']['flops']['total']
+    # kernel ceilings: the reference's profiled total over ours' convolutions and matrix products
+    splits = [(fwd, 'ours_forward', 'forward'), (fwd, 'ours_up', 'up')]
+    splits += [(cases[f'cpu/x16/ref_train/s{stage}/b1@64'], 'ours', 'step') for stage in (1, 2)]
+    for case, ours, key in splits:
+        ref = case['kernel_split']['ref_forward' if ours.startswith('ours_') else 'ref']
+        mine = case['kernel_split'][ours]
+        assert 0 < mine['conv_s'] and 0 <= mine['matmul_s'] and mine['conv_s'] + mine['matmul_s'] < mine['total_s']
+        assert case['kernel_ceiling'][key] == pytest.approx(ref['total_s'] / (mine['conv_s'] + mine['matmul_s']))
+    assert stdout.count('while its convolutions and matrix products take the time they took here') == 4
     ours_mem, ref_mem = cases['cpu/x16/ref_memory/ours/96x64'], cases['cpu/x16/ref_memory/ref/96x64']
     assert ours_mem['tiles'] == 6 and ref_mem['peak_bytes'] > 0 and ours_mem['peak_bytes'] > 0
     checks = {c['target'] for c in payload['target_checks']}
@@ -159,6 +168,23 @@ def test_half_precision_target_is_a_gpus(bench):
     assert [(c['passed'], round(c['value'], 2)) for c in checks] == [(True, 2.5)]  # the CPU row is not judged
     slow, drifting = row('cuda', 1.0, 0.6, 30.0, 30.0), row('cuda', 1.0, 0.4, 30.0, 29.9)
     assert [c['passed'] for c in bench.evaluate_targets([slow, drifting])] == [False, False]
+
+
+def test_kernel_time_split_sorts_operators(bench):
+    """Convolutions and matrix products are told apart from the rest; the ceiling divides by both."""
+    x, w, m = torch.randn(1, 16, 64, 64), torch.randn(16, 16, 3, 3), torch.randn(256, 256)
+
+    def fn():
+        y = F.conv2d(x, w, padding=1)
+        z = torch.mm(m, m)
+        return torch.sigmoid(y).sum() + torch.exp(z).sum()
+
+    split = bench.kernel_time_split(fn, torch.device('cpu'))
+    assert split['conv_s'] > 0 and split['matmul_s'] > 0
+    assert split['total_s'] > split['conv_s'] + split['matmul_s']  # sigmoid, exp, sums, adds
+    ours = {'total_s': 3.0, 'conv_s': 1.5, 'matmul_s': 0.5}
+    assert bench.kernel_ceiling(ours, {'total_s': 3.0, 'conv_s': 2.0, 'matmul_s': 0.5}) == 1.5
+    assert bench.kernel_ceiling({'total_s': 1.0, 'conv_s': 0.0, 'matmul_s': 0.0}, ours) is None
 
 
 def test_parse_size(bench):
