@@ -552,26 +552,26 @@ def profiled_operators(fn, device):
     return prof.key_averages()
 
 
-def profile_top(fn, device, top):
-    """Top ``top`` operators by self CPU time of one run of ``fn``."""
-    events = profiled_operators(fn, device)
+def top_operators(events, top):
+    """The ``top`` operators of ``profiled_operators`` by self CPU time."""
     total = sum(e.self_cpu_time_total for e in events) or 1
     rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return [{'op': e.key, 'self_cpu_s': e.self_cpu_time_total / 1e6, 'share': e.self_cpu_time_total / total,
              'calls': e.count} for e in rows]
 
 
-# Operators that are convolutions / dense matrix products (their wrappers included: small self time).
-CONV_OP_WORDS = ('conv',)
+# Operators that are convolutions (forward and backward, every backend) or dense matrix products;
+# their wrappers (aten::convolution, aten::linear, ...) are included, with little self time.
+CONV_OP_WORDS = ('convolution', 'conv2d', 'conv_depthwise')
 MATMUL_OPS = frozenset(('aten::addmm', 'aten::mm', 'aten::bmm', 'aten::baddbmm', 'aten::addbmm', 'aten::matmul',
                         'aten::linear', 'aten::_addmm_activation'))
 
 
-def kernel_time_split(fn, device):
-    """One profiled run of ``fn``: {'total_s', 'conv_s', 'matmul_s'}, summed self times of its operators
+def kernel_time_split(events, device):
+    """{'total_s', 'conv_s', 'matmul_s'} of ``profiled_operators``: summed self times of the operators
     (CPU time on CPU, device time on CUDA). Attention kernels count as neither."""
     split = {'total_s': 0.0, 'conv_s': 0.0, 'matmul_s': 0.0}
-    for event in profiled_operators(fn, device):
+    for event in events:
         if device.type == 'cuda':
             seconds = getattr(event, 'self_device_time_total', getattr(event, 'self_cuda_time_total', 0)) / 1e6
         else:
@@ -848,7 +848,7 @@ def run_rescale_case(spec, device, peak):
     result.update(processed=size_name((net_h, net_w)), tile=tile, tiles=tiles, **yardsticks)
     if spec['profile']:
         with eager(compiled):
-            result['profile'] = profile_top(fn, device, spec['profile'])
+            result['profile'] = top_operators(profiled_operators(fn, device), spec['profile'])
     return add_rates(result, yardsticks['conv_gflop_per_s'])
 
 
@@ -982,13 +982,13 @@ def run_ref_forward_case(spec, device, peak):
         result[name] = add_rates(entry, conv_gflops)
     # what the targets can reach with these kernels: one profiled run each
     with eager(compiled):
-        split = {name: kernel_time_split(fn, device) for name, fn in runs.items()}
+        events = {name: profiled_operators(fn, device) for name, fn in runs.items()}
+    split = {name: kernel_time_split(e, device) for name, e in events.items()}
     result['kernel_split'] = split
     result['kernel_ceiling'] = {'forward': kernel_ceiling(split['ours_forward'], split['ref_forward']),
                                 'up': kernel_ceiling(split['ours_up'], split['ref_forward'])}
     if spec['profile']:
-        with eager(compiled):
-            result['profile'] = {name: profile_top(fn, device, spec['profile']) for name, fn in runs.items()}
+        result['profile'] = {name: top_operators(e, spec['profile']) for name, e in events.items()}
     return result
 
 
@@ -1023,7 +1023,8 @@ def run_ref_train_case(spec, device, peak):
         entry['flops'] = flops[name]
         result[name] = add_rates(entry, conv_gflops)
     with eager(compiled):
-        split = {name: kernel_time_split(functools.partial(step, batch), device) for name, step in steps.items()}
+        split = {name: kernel_time_split(profiled_operators(functools.partial(step, batch), device), device)
+                 for name, step in steps.items()}
     result['kernel_split'] = split
     result['kernel_ceiling'] = {'step': kernel_ceiling(split['ours'], split['ref'])}
     return result
@@ -1361,7 +1362,7 @@ def print_reference_tables(results, out):
 
 
 def ceiling_note(result, key):
-    """'; at most N x with its conv/GEMM kernels' for a target's detail line, when measured."""
+    """The kernel ceiling (see the module docstring) for a target's detail line, when measured."""
     ceiling = result.get('kernel_ceiling', {}).get(key)
     if ceiling is None:
         return ''
