@@ -127,7 +127,7 @@ def test_smoke_reference_comparison(smoke_run):
         # the same losses (one LPIPS), discriminator copies and noise seed: the same first step
         assert train['first_step_losses']['ours'] == train['first_step_losses']['ref']
         assert train['ours']['flops']['total'] == train['ref']['flops']['total']
-    # kernel ceilings: the reference's profiled total over ours' convolutions and matrix products
+    # kernel ceilings: the measured speed-up over the share of ours' profiled time in convolutions and matrix products
     splits = [(fwd, 'ours_forward', 'forward'), (fwd, 'ours_up', 'up')]
     splits += [(cases[f'cpu/x16/ref_train/s{stage}/b1@64'], 'ours', 'step') for stage in (1, 2)]
     for case, ours, key in splits:
