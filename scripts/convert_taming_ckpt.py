@@ -11,8 +11,12 @@ strictly into a VQGAN of the given configuration (default: taming's f16 ImageNet
 --keep-discriminator the ``loss.discriminator.*`` tensors are kept under their taming names, and
 checked against a PatchGANDiscriminator of the size the tensors imply.
 
---config takes taming's model YAML (model.params.ddconfig / n_embed / embed_dim) or a flat
-mapping of VQGAN arguments (e.g. a network_* block of an options file).
+--config takes taming's model YAML (model.params.ddconfig / n_embed / embed_dim), a stage-0
+options file (its network_g) or a flat mapping of VQGAN arguments. It also turns a VQGAN trained
+here (experiments/<name>/models/net_g_*.pth) into a weights-only file, e.g. the demo's prior:
+
+    python scripts/convert_taming_ckpt.py experiments/demo_stage0_vqgan/models/net_g_latest.pth \\
+        pretrained/demo_vqgan_f16.safetensors --config options/train/demo_stage0_vqgan.yml
 """
 import argparse
 import os
@@ -62,6 +66,8 @@ def config_from_yaml(path):
                 raise ConversionError(f'{path}: model.params.{key} is missing')
             vqgan[key] = params[key]
         return vqgan
+    if isinstance(cfg.get('network_g'), dict):  # an options file: its VQGAN
+        cfg = cfg['network_g']
     vqgan = dict(cfg)
     vqgan.pop('type', None)
     return vqgan
@@ -72,7 +78,8 @@ def parse_args(argv):
     parser.add_argument('input', help='taming .ckpt (or any checkpoint load_state_dict accepts)')
     parser.add_argument('output', help='output .pth or .safetensors')
     parser.add_argument('--keep-discriminator', action='store_true', help='also keep loss.discriminator.*')
-    parser.add_argument('--config', help="taming model YAML or a flat YAML of VQGAN arguments")
+    parser.add_argument('--config', help="taming model YAML, a stage-0 options file (network_g) or a flat YAML of "
+                        "VQGAN arguments")
     parser.add_argument('--ch', type=int)
     parser.add_argument('--ch-mult', type=int, nargs='+')
     parser.add_argument('--num-res-blocks', type=int)

@@ -7,11 +7,13 @@ writes <out>/train/*.png and <out>/val/*.png (RGB, 8 bit). No network is needed:
 that scikit-image ships inside its package are used. The output is deterministic (the same bytes
 on every run) and the script is idempotent: files whose bytes already match are left alone.
 
-train: astronaut, coffee, rocket, hubble_deep_field, immunohistochemistry, retina and the left
+train: astronaut, rocket, hubble_deep_field, immunohistochemistry, retina and the left
        half of the left view of the stereo motorcycle pair; photos larger than 512 pixels are
        shrunk (area averaging) so that their longer side is 512.
-val:   chelsea (300x451, sides not multiples of 16), the right part of the right motorcycle view
-       (a region the train crop does not show in either view), and colorwheel (370x371).
+val:   three natural photos never trained on: chelsea (300x451, sides not multiples of 16),
+       coffee (400x600) and the right part of the right motorcycle view (a region the train crop
+       does not show in either view); and colorwheel (370x371), a synthetic chart that the demo
+       reports on a row of its own.
 """
 import argparse
 import os
@@ -51,11 +53,12 @@ def demo_images():
     """{(split, file name): RGB uint8 (H, W, 3)} of the whole demo set."""
     train = {
         name: lambda name=name: fit_longer_side(getattr(skdata, name)())
-        for name in ('astronaut', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'retina')
+        for name in ('astronaut', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'retina')
     }
     train['motorcycle_left'] = lambda: motorcycle_view('left', MOTORCYCLE_TRAIN_COLUMNS)
     val = {
         'chelsea': skdata.chelsea,
+        'coffee': skdata.coffee,
         'motorcycle_right': lambda: motorcycle_view('right', MOTORCYCLE_VAL_COLUMNS),
         'colorwheel': skdata.colorwheel,
     }

@@ -90,7 +90,7 @@ OPTION_ERRORS = [
     ('top_level_list', STAGE0_TEXT, '- a\n- b\n', 'expected a mapping of options at the top level, got list'),
     ('batch_larger_than_the_dataset', '    batch_size_per_gpu: 4\n    dataset_enlarge_ratio: 8',
      '    batch_size_per_gpu: 8\n    dataset_enlarge_ratio: 1',
-     'datasets:train: 7 images x enlarge ratio 1 is fewer than one batch of 8 per process'),
+     'datasets:train: 6 images x enlarge ratio 1 is fewer than one batch of 8 per process'),
     ('train_key_of_another_model', '  warmup_iter: -1', '  warmup_iter: -1\n  gan_start_iter: 10',
      'option train:gan_start_iter is read only by VQIRRFModel; VQGANModel would ignore it'),
     ('inference_key_typo', '\nlogger:', '\ninference:\n  tiel: 64\n\nlogger:',
@@ -186,15 +186,15 @@ def test_metric_arguments_are_checked_as_the_metric_is_called(tmp_path, demo):
 
 
 def test_batch_check_counts_every_gpu_of_a_data_parallel_process(demo):
-    """Without a launcher basicsr's loader puts num_gpu batches into one: 7 photos < 2 x 4."""
+    """Without a launcher basicsr's loader puts num_gpu batches into one: 6 photos < 2 x 4."""
     with open(osp.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml'), encoding='utf-8') as f:
         opt = yaml.safe_load(f)
     train = dict(opt['datasets']['train'], dataroot_gt=f'{demo}/train', dataset_enlarge_ratio=1, phase='train')
     opt['datasets'] = {'train': train}
     opt.update(dist=False, world_size=1, rank=0, num_gpu=1)
-    build_datasets(opt, 'x.yml')  # 7 >= 4
+    build_datasets(opt, 'x.yml')  # 6 >= 4
     opt['num_gpu'] = 2
-    with pytest.raises(OptionsError, match='7 images x enlarge ratio 1 is fewer than one batch of 8 per process'):
+    with pytest.raises(OptionsError, match='6 images x enlarge ratio 1 is fewer than one batch of 8 per process'):
         build_datasets(opt, 'x.yml')
 
 

@@ -381,3 +381,84 @@ def test_multiscale_val_shapes(tmp_path):
     assert item['gt_level2'].shape == (3, 20, 25) and item['gt_level4'].shape == (3, 10, 13)
     assert item['lq'].shape == (3, 3, 4)
     torch.testing.assert_close(item['gt_level4'], bicubic(item['gt'], 4), rtol=0, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------
+# colour augmentation and generated images
+
+
+def test_color_matrix_keeps_luma_under_hue_rotation_and_scales_chroma():
+    from vqir.data.color_augment import ColorAugment
+    rng = np.random.RandomState(0)
+    rgb = rng.uniform(0.2, 0.8, (64, 3))
+    luma = rgb @ np.array([0.299, 0.587, 0.114])
+    hue = ColorAugment(hue=True)
+    angles_differ = set()
+    for _ in range(5):
+        m = hue.random_matrix(rng)
+        out = rgb @ m.T
+        np.testing.assert_allclose(out @ np.array([0.299, 0.587, 0.114]), luma, atol=1e-9)  # brightness kept
+        assert np.allclose(m @ np.ones(3), np.ones(3))  # greys stay grey
+        angles_differ.add(round(float(m[0, 0]), 6))
+    assert len(angles_differ) == 5
+    grey = ColorAugment(saturation=[0.0, 0.0]).random_matrix(rng)
+    np.testing.assert_allclose(rgb @ grey.T, np.repeat(luma[:, None], 3, axis=1), atol=1e-9)
+    gain = ColorAugment(exposure=[1.0, 1.0]).random_matrix(rng)
+    np.testing.assert_allclose(gain, 2 * np.eye(3), atol=1e-12)
+    perms = {tuple(np.argmax(ColorAugment(channel_shuffle=True).random_matrix(rng), axis=1)) for _ in range(40)}
+    assert len(perms) == 6
+    assert np.array_equal(ColorAugment(hue=True, prob=0.0).random_matrix(rng), np.eye(3))
+
+
+def test_color_matrix_applies_in_rgb_to_bgr_images():
+    from vqir.data.color_augment import ColorAugment
+    img_bgr = np.random.RandomState(1).uniform(0, 1, (4, 5, 3)).astype(np.float32)
+    swap_red_green = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], float)  # acts on RGB vectors
+    out = ColorAugment.apply(img_bgr, swap_red_green)
+    np.testing.assert_array_equal(out[..., 2], img_bgr[..., 1])  # R' = G
+    np.testing.assert_array_equal(out[..., 1], img_bgr[..., 2])  # G' = R
+    np.testing.assert_array_equal(out[..., 0], img_bgr[..., 0])
+    assert ColorAugment.apply(img_bgr, 3 * np.eye(3)).max() == 1.0  # clipped
+
+
+def test_dead_leaves_images_cover_colours_and_edges():
+    from vqir.data.dead_leaves import dead_leaves
+    img = dead_leaves(64, np.random.RandomState(0))
+    assert img.shape == (64, 64, 3) and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
+    assert len(np.unique(np.round(img.reshape(-1, 3), 2), axis=0)) > 50
+    chroma = img - img.mean(axis=2, keepdims=True)
+    assert np.abs(chroma).mean() > 0.05  # coloured, not grey
+    assert not np.array_equal(img, dead_leaves(64, np.random.RandomState(1)))
+    np.testing.assert_array_equal(img, dead_leaves(64, np.random.RandomState(0)))
+
+
+def test_dataset_colour_augment_keeps_lq_the_bicubic_of_gt(tmp_path):
+    write_rgb(tmp_path / 'hr' / 'a.png', random_rgb(64, 64, 2))
+    ds = make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr'), gt_size=32, ir_scale=16,
+                      color_augment=dict(hue=True, saturation=[0.5, 1.5], exposure=[-0.5, 0.5],
+                                         channel_shuffle=True), dead_leaves_prob=0.5)
+    np.random.seed(0)
+    random.seed(0)
+    paths = []
+    for _ in range(12):
+        item = ds[0]
+        assert item['gt'].shape == (3, 32, 32) and 0 <= item['gt'].min() and item['gt'].max() <= 1
+        torch.testing.assert_close(item['lq'], bicubic(item['gt'], 16), rtol=0, atol=1e-6)
+        paths.append(item['gt_path'])
+    assert 'dead_leaves' in paths and str(tmp_path / 'hr' / 'a.png') in paths
+
+
+@pytest.mark.parametrize('opt, message', [
+    (dict(color_augment=dict(hue=1)), "'hue' must be true or false"),
+    (dict(color_augment=dict(saturation=[1.5, 0.5])), "'saturation' must be [low, high]"),
+    (dict(color_augment=dict(tint=True)), "unknown color_augment key(s) 'tint'"),
+    (dict(color_augment='yes'), "'color_augment' must be a dict"),
+    (dict(dead_leaves_prob=2), "'dead_leaves_prob' must be a number in [0, 1]"),
+])
+def test_bad_augmentation_options(tmp_path, opt, message):
+    write_rgb(tmp_path / 'hr' / 'a.png', random_rgb(32, 32, 0))
+    with pytest.raises(ValueError) as err:
+        make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr'), gt_size=32, **opt)
+    assert message in str(err.value)
+    with pytest.raises(ValueError, match='train augmentations'):
+        make_dataset(phase='val', dataroot_gt=str(tmp_path / 'hr'), dead_leaves_prob=0.5)

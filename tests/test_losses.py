@@ -331,3 +331,29 @@ def test_vqgan_loss_perceptual_term_uses_lpips(images):
     assert total.item() == pytest.approx((a - b).abs().mean().item() + 0.7 * percep, rel=1e-5)
     total.backward()
     assert recon.grad.abs().sum() > 0
+
+
+def test_vqgan_loss_chroma_weight_compares_ycbcr():
+    from basicsr.utils.color_util import rgb2ycbcr_pt
+    torch.manual_seed(0)
+    x, rec = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    plain = VQGANLoss(disc_start=0, perceptual_weight=0, codebook_weight=0, disc_factor=0)
+    chroma = VQGANLoss(disc_start=0, perceptual_weight=0, codebook_weight=0, disc_factor=0, chroma_weight=4.0)
+    zero = torch.zeros(())
+    l_plain, _ = plain.generator_loss(x, rec, zero, None, 0, None)
+    l_chroma, log = chroma.generator_loss(x, rec, zero, None, 0, None)
+    torch.testing.assert_close(l_plain, (x - rec).abs().mean())
+    # by hand: the difference of the YCbCr images (in [-1, 1] units), chroma channels x4
+    diff = 2 * (rgb2ycbcr_pt((x + 1) / 2) - rgb2ycbcr_pt((rec + 1) / 2))
+    expected = (diff.abs() * torch.tensor([1.0, 4.0, 4.0]).view(1, 3, 1, 1)).mean()
+    torch.testing.assert_close(l_chroma, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(log['l_pix'], expected, rtol=1e-5, atol=1e-6)
+    # a grey reconstruction of a coloured image costs more with chroma weighted; luma errors do not
+    colour = torch.tensor([0.6, -0.2, -0.6]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    grey = colour.mean(1, keepdim=True).expand_as(colour)
+    ratio = chroma.generator_loss(colour, grey, zero, None, 0, None)[0] / \
+        VQGANLoss(disc_start=0, perceptual_weight=0, codebook_weight=0, disc_factor=0, chroma_weight=1.0) \
+        .generator_loss(colour, grey, zero, None, 0, None)[0]
+    assert 3.5 < ratio.item() <= 4.0
+    with pytest.raises(ValueError, match='chroma_weight'):
+        VQGANLoss(disc_start=0, perceptual_weight=0, chroma_weight=0)

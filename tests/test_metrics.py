@@ -191,3 +191,28 @@ def test_usage_rejects_bad_indices():
         codebook_usage(torch.tensor([0, 8]), n_embed=8)
     with pytest.raises(TypeError, match='integers'):
         codebook_usage(torch.tensor([0.0, 1.0]), n_embed=8)
+
+
+def test_ciede2000_metric_matches_published_pairs_and_crops():
+    """Sharma, Wu and Dalal's CIEDE2000 test data (pairs 1 and 17): Lab colours with their published ΔE00,
+    here as 8-bit sRGB pixels, so the metric is checked against skimage's Lab of the same pixels."""
+    from skimage.color import deltaE_ciede2000, lab2rgb, rgb2lab
+
+    from vqir.metrics.ciede2000_metric import calculate_ciede2000
+    assert 'calculate_ciede2000' in METRIC_REGISTRY
+    lab_pairs = np.array([[[50.0, 2.6772, -79.7751], [50.0, 0.0, -82.7485]], [[50.0, 2.5, 0.0], [73.0, 25.0, -18.0]]])
+    published = [2.0425, 27.1492]
+    np.testing.assert_allclose(deltaE_ciede2000(lab_pairs[:, 0], lab_pairs[:, 1]), published, atol=1e-4)
+    rgb = np.round(np.clip(lab2rgb(lab_pairs.transpose(1, 0, 2)), 0, 1) * 255)  # (2 images, 2 pixels, 3)
+    img, ref = (np.repeat(rgb[i][:, None], 3, axis=1)[..., ::-1].astype(np.uint8) for i in (0, 1))  # BGR, 2x3
+    expected = deltaE_ciede2000(rgb2lab(img[..., ::-1] / 255.0), rgb2lab(ref[..., ::-1] / 255.0)).mean()
+    assert calculate_ciede2000(img, ref) == pytest.approx(expected)
+    assert 10 < calculate_ciede2000(img, ref) < 20  # 8-bit sRGB rounding keeps the two pairs' mean near 14.6
+    assert calculate_ciede2000(img, img) == 0
+    photo = skdata.astronaut()[:40, :40, ::-1].copy()
+    framed = photo.copy()
+    framed[:4], framed[-4:], framed[:, :4], framed[:, -4:] = 0, 0, 0, 0
+    assert calculate_ciede2000(framed, photo, crop_border=4) == 0 < calculate_ciede2000(framed, photo)
+    value = calculate_metric(dict(img=framed, img2=photo), {'type': 'calculate_ciede2000', 'crop_border': 0,
+                                                            'better': 'lower'})
+    assert value == pytest.approx(calculate_ciede2000(framed, photo))

@@ -367,3 +367,46 @@ def test_tiny_vqgan_overfits_one_image():
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < first / 3, f'loss {first:.4f} -> {last:.4f}'
 
+
+
+def _basicsr_warnings(build):
+    """The messages basicsr's logger (which does not propagate) receives while ``build()`` runs."""
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger('basicsr')
+    logger.addHandler(handler)
+    try:
+        build()
+    finally:
+        logger.removeHandler(handler)
+    return ' '.join(r.getMessage() for r in records if r.levelno >= logging.WARNING)
+
+
+def test_norm_groups_option_lets_colour_through_the_last_norm():
+    """With one channel a group, a GroupNorm erases every channel's mean (its output means equal its
+    biases, whatever the input): the decoder's last one would cut the image's colour off. With 4
+    channels a group, channel means relative to their group's survive."""
+    from vqir.archs.vqgan_arch import Normalize
+    torch.manual_seed(0)
+    h = torch.randn(2, 32, 16, 16) + 3 * torch.randn(2, 32, 1, 1)  # two inputs with their own channel means
+    for groups in (32, 8):
+        norm = Normalize(32, groups)
+        with torch.no_grad():
+            norm.bias.normal_()
+            means = norm(h).mean(dim=(2, 3))
+        if groups == 32:
+            torch.testing.assert_close(means[0], norm.bias, atol=1e-4, rtol=0)
+            torch.testing.assert_close(means[1], norm.bias, atol=1e-4, rtol=0)
+        else:
+            assert (means[0] - means[1]).abs().max() > 0.5
+    net = VQGAN(**dict(TINY, norm_groups=8))
+    assert {m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
+    # the default is taming's layout (32 groups), and a single-channel-group network is reported
+    assert all(m.num_groups == 32 for m in VQGAN(**TINY).modules() if isinstance(m, torch.nn.GroupNorm))
+    warned = _basicsr_warnings(lambda: VQGAN(**TINY))
+    assert 'one channel a group' in warned and 'norm_groups: 8' in warned
+    assert 'one channel a group' not in _basicsr_warnings(lambda: VQGAN(**dict(TINY, norm_groups=8)))
+    with pytest.raises(ValueError, match='32 channels cannot be split into 5 groups'):
+        VQGAN(**dict(TINY, norm_groups=5))

@@ -433,3 +433,15 @@ def test_ifrm_and_msrm_can_be_swapped_through_the_registry():
     assert type(default.refine) is ARCH_REGISTRY.get('MSRM')
     with pytest.raises(ValueError, match="'ifrm'"):
         VQIR(stage=1, ir_scale=16, **SMALL_CONFIG, ifrm={'in_channels': 64})
+
+
+def test_norm_groups_reach_the_vqgan_and_the_msrm():
+    opt = dict(stage=2, ir_scale=16, in_channels=3, out_channels=3, ch=32, ch_mult=[1, 2, 2, 2, 2], double_z=False,
+               num_res_blocks=1, z_channels=64, n_embed=64, embed_dim=64, attn_mult=[1, 1], norm_groups=8)
+    net = VQIR(**opt)
+    groups = {m.num_groups for m in net.modules() if isinstance(m, nn.GroupNorm)}
+    assert groups == {8}
+    assert any(isinstance(m, nn.GroupNorm) for m in net.refine.modules())
+    default = VQIR(**dict(opt, norm_groups=32))
+    assert {m.num_groups for m in default.modules() if isinstance(m, nn.GroupNorm)} == {32}
+    assert [k for k, _ in net.state_dict().items()] == [k for k, _ in default.state_dict().items()]

@@ -22,7 +22,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from vqir.archs.axial_attention import InterAxialBlock, IntraAxialBlock
-from vqir.archs.vqgan_arch import ResnetBlock, Upsample
+from vqir.archs.vqgan_arch import NORM_GROUPS, ResnetBlock, Upsample
 
 __all__ = ['RefinementBranch', 'MSRM']
 
@@ -86,6 +86,7 @@ class MSRM(nn.Module):
         ch: base channel count of the VQGAN decoder (128 for taming's f16).
         ch_mult: the decoder's channel multipliers per level, finest first ([1, 1, 2, 2, 4]).
         attn_mult: (Intra, Inter) pair counts of the branches, coarsest first ([3, 3]: Level_4, Level_2).
+        norm_groups: groups of the GroupNorms of the output blocks (32, as the VQGAN's).
 
     forward(feats): feats holds the decoder features 'Level_1' (B, ch*ch_mult[0], H, W),
     'Level_2' (B, ch*ch_mult[1], H/2, W/2), ..., 'Level_<2**n>' (n = len(attn_mult)); returns
@@ -93,7 +94,7 @@ class MSRM(nn.Module):
     coarsest first; 'Level_1' is the reconstruction. Images are in the decoder's range ([-1, 1]), not clamped.
     """
 
-    def __init__(self, ch, ch_mult, attn_mult):
+    def __init__(self, ch, ch_mult, attn_mult, norm_groups=NORM_GROUPS):
         super().__init__()
         attn_mult = list(attn_mult)
         ch_mult = list(ch_mult)
@@ -120,8 +121,10 @@ class MSRM(nn.Module):
 
         out_channels = level_channels[0]
         self.refine_out = nn.Sequential(
-            ResnetBlock(out_channels, out_channels, dropout=0.0, temb_channels=UNUSED_TEMB_CHANNELS),
-            ResnetBlock(out_channels, out_channels, dropout=0.0, temb_channels=UNUSED_TEMB_CHANNELS),
+            ResnetBlock(out_channels, out_channels, dropout=0.0, temb_channels=UNUSED_TEMB_CHANNELS,
+                        norm_groups=norm_groups),
+            ResnetBlock(out_channels, out_channels, dropout=0.0, temb_channels=UNUSED_TEMB_CHANNELS,
+                        norm_groups=norm_groups),
             nn.Conv2d(out_channels, 3, kernel_size=3, padding=1),
         )
         self.apply(_init_weights)

@@ -17,14 +17,36 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 __all__ = [
-    'Normalize', 'swish', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'Encoder', 'Decoder',
+    'NORM_GROUPS', 'Normalize', 'warn_if_single_channel_groups', 'swish', 'ResnetBlock', 'AttnBlock', 'Downsample',
+    'Upsample', 'Encoder', 'Decoder',
     'VectorQuantizer', 'VQGAN'
 ]
 
 
-def Normalize(in_channels):  # noqa: N802  (taming's name, kept for familiarity)
-    """GroupNorm with 32 groups, as everywhere in taming's VQGAN."""
-    return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+NORM_GROUPS = 32  # taming's layout: every GroupNorm of its VQGAN has 32 groups
+
+
+def Normalize(in_channels, num_groups=NORM_GROUPS):  # noqa: N802  (taming's name, kept for familiarity)
+    """GroupNorm (32 groups in taming's VQGAN).
+
+    With one channel a group (e.g. 32 channels, 32 groups) it is an instance normalisation:
+    the decoder's last one then sets each channel's image mean to its bias, so the colour of the
+    input cannot reach the output. Small networks need fewer groups (``norm_groups``).
+    """
+    if in_channels % num_groups:
+        raise ValueError(f'GroupNorm: {in_channels} channels cannot be split into {num_groups} groups')
+    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+
+
+def warn_if_single_channel_groups(ch, ch_mult, norm_groups, owner):
+    """Log a warning when some level's GroupNorms hold one channel a group (see ``Normalize``)."""
+    narrowest = ch * min(ch_mult)
+    if narrowest <= norm_groups:
+        from basicsr.utils import get_root_logger
+        get_root_logger().warning(
+            f'{owner}: {narrowest} channels in {norm_groups} GroupNorm groups is one channel a group, an instance '
+            'normalisation: the decoder cannot pass the colour of its input to its output. Use at least 4 channels '
+            f'a group (e.g. norm_groups: {max(narrowest // 4, 1)}) unless you load weights trained this way.')
 
 
 def swish(x):
@@ -112,17 +134,17 @@ class ResnetBlock(nn.Module):
     count changes. (B, in_channels, H, W) -> (B, out_channels, H, W).
     """
 
-    def __init__(self, in_channels, out_channels=None, dropout=0.0, temb_channels=0):
+    def __init__(self, in_channels, out_channels=None, dropout=0.0, temb_channels=0, norm_groups=NORM_GROUPS):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
 
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels > 0:
             self.temb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -156,10 +178,10 @@ class AttnBlock(nn.Module):
     float32. (B, C, H, W) -> (B, C, H, W).
     """
 
-    def __init__(self, in_channels):
+    def __init__(self, in_channels, norm_groups=NORM_GROUPS):
         super().__init__()
         self.in_channels = in_channels
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, norm_groups)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
@@ -220,7 +242,8 @@ class Encoder(nn.Module):
                  dropout=0.0,
                  resamp_with_conv=True,
                  attn_resolutions=None,
-                 resolution=None):
+                 resolution=None,
+                 norm_groups=NORM_GROUPS):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -236,10 +259,10 @@ class Encoder(nn.Module):
             block_in = ch * in_ch_mult[i_level]
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                block.append(ResnetBlock(block_in, block_out, dropout=dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if i_level in attn_levels:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, norm_groups))
             down = nn.Module()
             down.block = block
             down.attn = attn
@@ -248,11 +271,11 @@ class Encoder(nn.Module):
             self.down.append(down)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(
             block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1)
 
@@ -291,7 +314,8 @@ class Decoder(nn.Module):
                  resamp_with_conv=True,
                  attn_resolutions=None,
                  resolution=None,
-                 give_pre_end=False):
+                 give_pre_end=False,
+                 norm_groups=NORM_GROUPS):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -302,9 +326,9 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, norm_groups=norm_groups)
 
         # built from the lowest resolution up, stored in level order (up[0] = full resolution) as taming does
         self.up = nn.ModuleList()
@@ -313,10 +337,10 @@ class Decoder(nn.Module):
             attn = nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(block_in, block_out, dropout=dropout))
+                block.append(ResnetBlock(block_in, block_out, dropout=dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if i_level in attn_levels:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, norm_groups))
             up = nn.Module()
             up.block = block
             up.attn = attn
@@ -324,7 +348,7 @@ class Decoder(nn.Module):
                 up.upsample = Upsample(block_in, resamp_with_conv)
             self.up.insert(0, up)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z, return_feat=False, image=True):
@@ -488,7 +512,8 @@ class VQGAN(nn.Module):
     Submodules (state_dict order): encoder, decoder, quantize, quant_conv, post_quant_conv.
     For the f16 prior of VQIR: ch 128, ch_mult [1, 1, 2, 2, 4], num_res_blocks 2, z_channels 256,
     n_embed 1024, embed_dim 256 (72,141,699 parameters). See ``Encoder``/``Decoder`` for
-    ``attn_resolutions``/``resolution``.
+    ``attn_resolutions``/``resolution``. ``norm_groups``: groups of every GroupNorm (32, taming's);
+    a network with few channels needs fewer, so that no group holds a single channel.
     """
 
     def __init__(self,
@@ -507,9 +532,11 @@ class VQGAN(nn.Module):
                  resolution=None,
                  beta=0.25,
                  remap=None,
-                 sane_index_shape=False):
+                 sane_index_shape=False,
+                 norm_groups=NORM_GROUPS):
         super().__init__()
         ch_mult = tuple(ch_mult)
+        warn_if_single_channel_groups(ch, ch_mult, norm_groups, 'VQGAN')
         self.encoder = Encoder(
             ch=ch,
             ch_mult=ch_mult,
@@ -519,7 +546,8 @@ class VQGAN(nn.Module):
             double_z=double_z,
             dropout=dropout,
             attn_resolutions=attn_resolutions,
-            resolution=resolution)
+            resolution=resolution,
+            norm_groups=norm_groups)
         self.decoder = Decoder(
             ch=ch,
             out_channels=out_channels,
@@ -528,7 +556,8 @@ class VQGAN(nn.Module):
             z_channels=z_channels,
             dropout=dropout,
             attn_resolutions=attn_resolutions,
-            resolution=resolution)
+            resolution=resolution,
+            norm_groups=norm_groups)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape)
         # taming sizes quant_conv by z_channels; with double_z the encoder emits 2*z_channels
         self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)

@@ -28,7 +28,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from .lr_quantizer import quantize_lr
-from .vqgan_arch import Decoder, Encoder, VectorQuantizer
+from .vqgan_arch import NORM_GROUPS, Decoder, Encoder, VectorQuantizer, warn_if_single_channel_groups
 
 VQGAN_DOWNSAMPLE_FACTOR = 16
 
@@ -62,8 +62,10 @@ class VQIR(nn.Module):
             ``embed_dim`` / ``out_channels`` / ``ir_scale``. Must provide ``forward(x, rev=False)``.
         msrm: optional ``{'type': ..., **kwargs}`` to swap the refinement module (stage 2,
             default ``{'type': 'MSRM'}``). Missing ``ch`` / ``ch_mult`` / ``attn_mult`` are filled
-            with this network's values. Must map the decoder features dict to
+            with this network's values (``norm_groups`` too). Must map the decoder features dict to
             ``{'Level_4', 'Level_2', 'Level_1'}`` images.
+        norm_groups: groups of the VQGAN's (and the MSRM's) GroupNorms; 32, taming's, by default.
+            The VQGAN part must match the prior it loads (see :class:`vqir.archs.vqgan_arch.VQGAN`).
     """
 
     def __init__(self,
@@ -83,7 +85,8 @@ class VQIR(nn.Module):
                  remap=None,
                  sane_index_shape=False,
                  ifrm=None,
-                 msrm=None):
+                 msrm=None,
+                 norm_groups=NORM_GROUPS):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f'VQIR: stage must be 1 or 2, got {stage!r}')
@@ -93,6 +96,7 @@ class VQIR(nn.Module):
         if 2**(len(ch_mult) - 1) != VQGAN_DOWNSAMPLE_FACTOR:
             raise ValueError(f'VQIR: the VQGAN must downsample by {VQGAN_DOWNSAMPLE_FACTOR}, i.e. ch_mult needs '
                              f'5 entries, got ch_mult={ch_mult}')
+        warn_if_single_channel_groups(ch, ch_mult, norm_groups, 'VQIR')
         self.stage = stage
         self.ir_scale = ir_scale
         self.in_channels = in_channels
@@ -100,9 +104,9 @@ class VQIR(nn.Module):
 
         # the frozen VQGAN prior, laid out as taming's VQModel
         self.encoder = Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, in_channels=in_channels,
-                               z_channels=z_channels, double_z=double_z)
+                               z_channels=z_channels, double_z=double_z, norm_groups=norm_groups)
         self.decoder = Decoder(ch=ch, out_channels=out_channels, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                               z_channels=z_channels)
+                               z_channels=z_channels, norm_groups=norm_groups)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap,
                                         sane_index_shape=sane_index_shape)
         self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)
@@ -113,8 +117,10 @@ class VQIR(nn.Module):
             if attn_mult is None and 'attn_mult' not in msrm_opt:
                 raise ValueError('VQIR: stage 2 needs attn_mult (attention pairs per refinement branch, '
                                  'e.g. [3, 3] for the official models)')
-            self.refine = _build_registered(msrm_opt, {'ch': ch, 'ch_mult': ch_mult, 'attn_mult': attn_mult},
-                                            'msrm')
+            msrm_defaults = {'ch': ch, 'ch_mult': ch_mult, 'attn_mult': attn_mult}
+            if norm_groups != NORM_GROUPS:  # a swapped-in module without the argument keeps working by default
+                msrm_defaults['norm_groups'] = norm_groups
+            self.refine = _build_registered(msrm_opt, msrm_defaults, 'msrm')
         elif msrm is not None:
             raise ValueError('VQIR: msrm is only used in stage 2, got stage 1')
 

@@ -11,6 +11,8 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
 from vqir.data import transforms
+from vqir.data.color_augment import ColorAugment, parse_color_augment
+from vqir.data.dead_leaves import dead_leaves
 
 # Keys that basicsr's option parser adds to every dataset's options, or that its dataloader and
 # training loop read from them. A dataset accepts them without using them.
@@ -85,6 +87,13 @@ class HRImageDataset(data.Dataset):
             way), so lq is ceil(H/s) x ceil(W/s).
         color (str): 'rgb' only (the channel order of the returned tensors); BGR for the
             reference's stage-1 quirk is the model's business (`network_color: bgr`).
+        color_augment (dict, optional): train-only random colour matrix (hue rotation, saturation,
+            exposure, channel order) applied to the crop (and a read LR), see
+            :func:`vqir.data.color_augment.parse_color_augment`. Default: none.
+        dead_leaves_prob (float): train only: probability that a sample's HR is a procedural
+            dead-leaves image (:func:`vqir.data.dead_leaves.dead_leaves`) of gt_size instead of a
+            crop of a file, for colours and shapes that a small set lacks. Default 0. Cannot be
+            combined with `dataroot_lq`.
 
     Files: 8- or 16-bit (scaled by dtype), grayscale (made 3-channel), RGBA (alpha dropped).
     Train crops: an image smaller than gt_size is reflect-padded up to it (logged once). With
@@ -93,7 +102,7 @@ class HRImageDataset(data.Dataset):
 
     OPTION_KEYS = frozenset({
         'dataroot_gt', 'dataroot_lq', 'meta_info_file', 'io_backend', 'gt_size', 'use_hflip', 'use_rot',
-        'ir_scale', 'mod_crop', 'color'
+        'ir_scale', 'mod_crop', 'color', 'color_augment', 'dead_leaves_prob'
     })
     # gt_size must be a multiple of this as well as of ir_scale.
     GT_SIZE_MULTIPLE = 1
@@ -133,6 +142,17 @@ class HRImageDataset(data.Dataset):
                                  f'got {self.gt_size!r}')
         else:
             self.gt_size = None
+        self.color_augment = parse_color_augment(opt.get('color_augment'), owner)
+        self.dead_leaves_prob = opt.get('dead_leaves_prob', 0)
+        if (not isinstance(self.dead_leaves_prob, (int, float)) or isinstance(self.dead_leaves_prob, bool)
+                or not 0 <= self.dead_leaves_prob <= 1):
+            raise ValueError(f"{owner}: 'dead_leaves_prob' must be a number in [0, 1], got {self.dead_leaves_prob!r}")
+        if not self.is_train and (self.color_augment is not None or self.dead_leaves_prob):
+            raise ValueError(f"{owner}: 'color_augment' and 'dead_leaves_prob' are train augmentations; remove them "
+                             f"for phase '{self.phase}'")
+        if self.lq_root and self.dead_leaves_prob:
+            raise ValueError(f"{owner}: 'dead_leaves_prob' cannot be combined with 'dataroot_lq' (a generated HR "
+                             'has no LR file); disable one of them')
         self.use_hflip = bool(opt.get('use_hflip', True))
         self.use_rot = bool(opt.get('use_rot', True))
 
@@ -270,14 +290,23 @@ class HRImageDataset(data.Dataset):
     # ----------------------------------------------------------------------------------------
     def __getitem__(self, index):
         gt_path, lq_path = self.samples[index]
-        img_gt = self._read(gt_path, 'gt')
-        img_lq = None if lq_path is None else self._read(lq_path, 'lq')
+        generated = self.is_train and self.dead_leaves_prob and np.random.uniform() < self.dead_leaves_prob
+        if generated:
+            img_gt, img_lq, gt_path = dead_leaves(self.gt_size), None, 'dead_leaves'
+        else:
+            img_gt = self._read(gt_path, 'gt')
+            img_lq = None if lq_path is None else self._read(lq_path, 'lq')
 
         if self.is_train:
-            img_gt = self._before_crop(img_gt)
-            img_gt, img_lq = self._train_crop(img_gt, img_lq, gt_path, lq_path)
+            if not generated:
+                img_gt = self._before_crop(img_gt)
+                img_gt, img_lq = self._train_crop(img_gt, img_lq, gt_path, lq_path)
             pair = augment([img_gt] if img_lq is None else [img_gt, img_lq], self.use_hflip, self.use_rot)
             img_gt, img_lq = (pair, None) if img_lq is None else pair
+            if self.color_augment is not None:
+                matrix = self.color_augment.random_matrix()
+                img_gt = ColorAugment.apply(img_gt, matrix)
+                img_lq = None if img_lq is None else ColorAugment.apply(img_lq, matrix)
         else:
             img_gt, img_lq = self._eval_geometry(img_gt, img_lq, gt_path, lq_path)
 

@@ -3,6 +3,7 @@
 Generator (encoder, codebook, decoder) step:
 
     nll   = mean(pixel_weight * |x - x̂| + l2_weight * (x - x̂)^2) + perceptual_weight * mean_b LPIPS(x, x̂)
+            (with ``chroma_weight``, |x - x̂| is taken in YCbCr, Cb and Cr weighted: see ``pixel_difference``)
     g     = GAN generator term on D(x̂)                 (hinge: -mean D(x̂))
     λ     = clamp(||∇_last nll|| / (||∇_last g|| + 1e-4), 0, 1e4) * disc_weight   (adaptive weight)
     loss  = loss_weight * (nll + λ * disc_factor * g + codebook_weight * codebook_loss)
@@ -18,12 +19,13 @@ The discriminator network lives in the model, not here: this object only turns i
 """
 import torch
 from basicsr.losses.gan_loss import GANLoss
+from basicsr.utils.color_util import rgb2ycbcr_pt
 from basicsr.utils.registry import LOSS_REGISTRY
 from torch import nn
 
 from vqir.losses.lpips_loss import LPIPSLoss
 
-__all__ = ['VQGANLoss', 'adaptive_gan_weight']
+__all__ = ['VQGANLoss', 'adaptive_gan_weight', 'pixel_difference']
 
 _GAN_TYPES = ('hinge', 'vanilla')
 
@@ -45,6 +47,23 @@ def adaptive_gan_weight(nll_loss, g_loss, last_layer, max_weight=1e4, eps=1e-4):
     return torch.clamp(weight, 0.0, max_weight).detach()
 
 
+def pixel_difference(inputs, reconstructions, chroma_weight=None):
+    """x - x̂ of (B, 3, H, W) images in [-1, 1]: in RGB, or with ``chroma_weight`` in YCbCr (BT.601)
+    as (ΔY, w ΔCb, w ΔCr), in the same [-1, 1] units.
+
+    RGB channels are strongly correlated: an RGB loss is mostly a luma loss, and a small network
+    fits brightness long before hue. Weighting the decorrelated chroma channels makes colour
+    errors cost as much as the eye finds them.
+    """
+    diff = inputs - reconstructions
+    if chroma_weight is None:
+        return diff
+    # YCbCr is affine in RGB: the difference of the conversions is the linear part applied to diff
+    ycbcr = rgb2ycbcr_pt(diff / 2) - rgb2ycbcr_pt(diff.new_zeros(()).expand_as(diff))
+    weights = diff.new_tensor([1.0, chroma_weight, chroma_weight]).view(1, 3, 1, 1)
+    return 2 * ycbcr * weights
+
+
 @LOSS_REGISTRY.register()
 class VQGANLoss(nn.Module):
     """Reconstruction + perceptual + codebook + adaptively weighted GAN loss for VQGAN training.
@@ -53,6 +72,8 @@ class VQGANLoss(nn.Module):
         disc_start (int): first iteration (``global_step >= disc_start``) at which the GAN terms count.
         loss_weight (float): overall scale of the generator objective (1.0 as in taming).
         pixel_weight (float): weight of the per-pixel L1 term.
+        chroma_weight (float | None): None (taming): the pixel terms compare RGB. A number: they
+            compare YCbCr, with Cb and Cr weighted by it (e.g. 4), see ``pixel_difference``.
         l2_weight (float): weight of an optional per-pixel squared-error term (0: taming).
         perceptual_weight (float): weight of LPIPS; 0 builds no LPIPS network at all.
         perceptual_net (str): LPIPS backbone, 'vgg' (taming) or 'alex'.
@@ -69,6 +90,7 @@ class VQGANLoss(nn.Module):
                  disc_start,
                  loss_weight=1.0,
                  pixel_weight=1.0,
+                 chroma_weight=None,
                  l2_weight=0.0,
                  perceptual_weight=1.0,
                  perceptual_net='vgg',
@@ -83,6 +105,9 @@ class VQGANLoss(nn.Module):
         self.disc_start = disc_start
         self.loss_weight = loss_weight
         self.pixel_weight = pixel_weight
+        if chroma_weight is not None and not chroma_weight > 0:
+            raise ValueError(f'VQGANLoss: chroma_weight must be a positive number or None, got {chroma_weight!r}.')
+        self.chroma_weight = chroma_weight
         self.l2_weight = l2_weight
         self.perceptual_weight = perceptual_weight
         self.codebook_weight = codebook_weight
@@ -123,7 +148,7 @@ class VQGANLoss(nn.Module):
         if inputs.shape != reconstructions.shape:
             raise ValueError(f'VQGANLoss: inputs have shape {tuple(inputs.shape)} but reconstructions '
                              f'{tuple(reconstructions.shape)}.')
-        diff = inputs - reconstructions
+        diff = pixel_difference(inputs, reconstructions, self.chroma_weight)
         pixel_loss = self.pixel_weight * diff.abs().mean()
         if self.l2_weight > 0:
             pixel_loss = pixel_loss + self.l2_weight * diff.square().mean()
