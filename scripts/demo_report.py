@@ -215,11 +215,25 @@ def _fmt_csv(value):
     return '' if value is None else f'{value:.4f}'
 
 
-def write_figures(photos, scale, out_dir):
+def _pyplot(out_dir):
+    """matplotlib's pyplot on the file-only backend, with ``out_dir`` created."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     os.makedirs(out_dir, exist_ok=True)
+    return plt
+
+
+def _save_figure(plt, fig, path, dpi):
+    """Lay out, write atomically as PNG and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    atomic_write(path, lambda tmp_path: fig.savefig(tmp_path, dpi=dpi, format='png'))
+    plt.close(fig)
+    return path
+
+
+def write_figures(photos, scale, out_dir):
+    plt = _pyplot(out_dir)
     paths = []
     for p in photos:
         images, metrics = p['images'], p['metrics']
@@ -235,19 +249,12 @@ def write_figures(photos, scale, out_dir):
             ax.imshow(img[..., ::-1])
             ax.set_title(title, fontsize=8)
             ax.axis('off')
-        fig.tight_layout()
-        path = osp.join(out_dir, f'{p["name"]}.png')
-        atomic_write(path, lambda tmp_path, fig=fig: fig.savefig(tmp_path, dpi=80, format='png'))
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(plt, fig, osp.join(out_dir, f'{p["name"]}.png'), dpi=80))
     return paths
 
 
 def write_curves(root, experiment_names, out_dir):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    os.makedirs(out_dir, exist_ok=True)
+    plt = _pyplot(out_dir)
     paths = []
     for name in experiment_names:
         log_path = osp.join(root, 'experiments', name, 'train_log.csv')
@@ -267,11 +274,7 @@ def write_curves(root, experiment_names, out_dir):
         ax.set_yscale('symlog', linthresh=1e-3)
         ax.set_title(name)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = osp.join(out_dir, f'{name}.png')
-        atomic_write(path, lambda tmp_path, fig=fig: fig.savefig(tmp_path, dpi=90, format='png'))
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(plt, fig, osp.join(out_dir, f'{name}.png'), dpi=90))
     return paths
 
 

@@ -2,7 +2,9 @@
 VQIR, fixed batches, a few training steps with their logs, parameter snapshots and the CSVs that
 training and testing write."""
 import csv
+import logging
 import os
+from contextlib import contextmanager
 
 import cv2
 import torch
@@ -19,6 +21,20 @@ VAL_PHOTOS = (('astronaut', (184, 200)), ('coffee', (176, 216)))
 # a VQIR with every part of the released one, small enough for tests
 TINY_VQIR = dict(in_channels=3, out_channels=3, ch=64, ch_mult=[1, 1, 1, 1, 1], double_z=False, num_res_blocks=1,
                  z_channels=64, n_embed=64, embed_dim=64)
+
+
+@contextmanager
+def basicsr_log_records():
+    """The records basicsr's logger (which does not propagate to the root) receives inside the block."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger('basicsr')
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def tiny_vqir(stage=2, ir_scale=16, seed=0):

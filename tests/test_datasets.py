@@ -1,6 +1,5 @@
 """HRImageDataset and MultiScaleHRDataset: crops, alignment of gt / lq / levels, file formats, errors."""
 import importlib.util
-import logging
 import os
 import random
 
@@ -11,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from basicsr.utils.matlab_functions import imresize
 from basicsr.utils.registry import DATASET_REGISTRY
+
+from helpers import basicsr_log_records
 
 from vqir.data.hr_image_dataset import PIPELINE_KEYS, HRImageDataset
 from vqir.data.multiscale_hr_dataset import MultiScaleHRDataset
@@ -188,17 +189,10 @@ def test_lr_file_of_wrong_size_and_missing_lr(tmp_path):
 def test_small_image_is_reflect_padded_and_logged_once(tmp_path):
     src = random_rgb(20, 24, 3)
     write_rgb(tmp_path / 'hr' / 'small.png', src)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger('basicsr')
-    logger.addHandler(handler)
-    try:
+    with basicsr_log_records() as records:
         ds = make_dataset(phase='train', dataroot_gt=str(tmp_path / 'hr'), gt_size=32, ir_scale=16,
                           use_hflip=False, use_rot=False)
         items = [ds[0] for _ in range(3)]
-    finally:
-        logger.removeHandler(handler)
     expected = F.pad(as_float(src)[None], (0, 8, 0, 12), mode='reflect')[0]
     for item in items:
         assert item['gt'].shape == (3, 32, 32)

@@ -1,5 +1,6 @@
 """VQGAN architecture: taming-compatible layout, quantiser, attention, decoder features, a tiny overfit."""
 import json
+import logging
 import os
 import re
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from basicsr.archs import build_network
+
+from helpers import basicsr_log_records
 
 from vqir.archs.vqgan_arch import (VQGAN, AttnBlock, Decoder, Downsample, Encoder, ResnetBlock, Upsample,
                                    VectorQuantizer)
@@ -370,17 +373,9 @@ def test_tiny_vqgan_overfits_one_image():
 
 
 def _basicsr_warnings(build):
-    """The messages basicsr's logger (which does not propagate) receives while ``build()`` runs."""
-    import logging
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger('basicsr')
-    logger.addHandler(handler)
-    try:
+    """The warnings basicsr's logger receives while ``build()`` runs, joined."""
+    with basicsr_log_records() as records:
         build()
-    finally:
-        logger.removeHandler(handler)
     return ' '.join(r.getMessage() for r in records if r.levelno >= logging.WARNING)
 
 

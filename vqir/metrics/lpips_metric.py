@@ -6,16 +6,13 @@ from the image files written to disk.
 """
 import numpy as np
 import torch
-from basicsr.metrics.metric_util import reorder_image
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import METRIC_REGISTRY
 
+from vqir.metrics.metric_util import checked_color_pair
 from vqir.utils.lpips_weights import build_lpips
 
 __all__ = ['calculate_lpips']
-
-# Options that basicsr hands to every metric of a `val.metrics` entry but that LPIPS has no use for.
-_SHARED_METRIC_OPTIONS = ('better', 'test_y_channel')
 
 _NETWORKS = {}  # (net, device, pretrained_backbone) -> frozen LPIPS network
 
@@ -64,18 +61,7 @@ def calculate_lpips(img,
     Raises:
         LPIPSWeightsNotFoundError: when the backbone weights are not in the torch cache.
     """
-    unknown = sorted(set(kwargs) - set(_SHARED_METRIC_OPTIONS))
-    if unknown:
-        raise TypeError(f'calculate_lpips got unknown option(s) {unknown}.')
-    if img.shape != img2.shape:
-        raise ValueError(f'calculate_lpips: image shapes differ, {img.shape} vs {img2.shape}.')
-    img = reorder_image(img, input_order=input_order)
-    img2 = reorder_image(img2, input_order=input_order)
-    if img.shape[2] != 3:
-        raise ValueError(f'calculate_lpips needs 3-channel images, got shape {img.shape} (HWC).')
-    if crop_border != 0:
-        img = img[crop_border:-crop_border, crop_border:-crop_border, ...]
-        img2 = img2[crop_border:-crop_border, crop_border:-crop_border, ...]
+    img, img2 = checked_color_pair('calculate_lpips', img, img2, crop_border, input_order, kwargs)
 
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
