@@ -13,6 +13,7 @@ Shapes for the f16 configuration (ch 128, ch_mult [1, 1, 2, 2, 4], z_channels = 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
@@ -42,7 +43,6 @@ def warn_if_single_channel_groups(ch, ch_mult, norm_groups, owner):
     """Log a warning when some level's GroupNorms hold one channel a group (see ``Normalize``)."""
     narrowest = ch * min(ch_mult)
     if narrowest <= norm_groups:
-        from basicsr.utils import get_root_logger
         get_root_logger().warning(
             f'{owner}: {narrowest} channels in {norm_groups} GroupNorm groups is one channel a group, an instance '
             'normalisation: the decoder cannot pass the colour of its input to its output. Use at least 4 channels '
