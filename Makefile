@@ -1,4 +1,4 @@
-# Quick start:  make demo   (set up .venv, train and test on the bundled photos)
+# Quick start:  make demo   (set up .venv, train stages 1-2 on the committed prior, test on held-out photos)
 #               make test   (set up .venv, run the test suite)
 PYTHON ?= python3
 VENV   := .venv

@@ -11,7 +11,7 @@ Steps (each a normal command you can also run by hand):
      table and in figures, and the training curves.
 
 Options: --train-prior (train the VQGAN prior too, as pretrained/README.md describes: about
-1.5 hours on 2 CPU cores, minutes on a GPU), --quick (a few iterations per stage; what the
+1.5 hours on 2 CPU cores), --quick (a few iterations per stage; what the
 end-to-end test runs), --skip-training (report on existing experiments), --seed N (the seed of
 stages 1 and 2), --root DIR (where experiments/ and results/ go).
 """
@@ -43,28 +43,32 @@ def run(cmd, root):
     subprocess.run([sys.executable] + cmd, cwd=ROOT, env=env, check=True)
 
 
-def root_args(root):
-    return ['--force_yml', f'path:root={root}'] if root != ROOT else []
+def root_overrides(root):
+    return [f'path:root={root}'] if root != ROOT else []
+
+
+def force_yml(overrides):
+    return ['--force_yml'] + overrides if overrides else []
 
 
 def train_all(root, quick, train_prior, seed):
     stages = ([PRIOR_STAGE] if train_prior else []) + STAGES
     for title, opt_file, name in stages:
         print(f'\n==== {title} ({opt_file}) ====', flush=True)
-        extra = root_args(root) or ['--force_yml']
+        overrides = root_overrides(root)
         if name != PRIOR_STAGE[2] and seed is not None:
-            extra.append(f'manual_seed={seed}')
+            overrides.append(f'manual_seed={seed}')
         if train_prior and name == STAGES[0][2]:
-            extra.append(f'path:pretrain_network_vqgan={TRAINED_PRIOR}')  # resolved under the root
+            overrides.append(f'path:pretrain_network_vqgan={TRAINED_PRIOR}')  # resolved under the root
         if quick:
-            extra += [f'train:total_iter={QUICK_ITERS}', f'val:val_freq={QUICK_ITERS}',
-                      f'logger:save_checkpoint_freq={QUICK_ITERS}', 'logger:print_freq=1']
-        run([osp.join('vqir', 'train.py'), '-opt', opt_file] + (extra if extra != ['--force_yml'] else []), root)
+            overrides += [f'train:total_iter={QUICK_ITERS}', f'val:val_freq={QUICK_ITERS}',
+                          f'logger:save_checkpoint_freq={QUICK_ITERS}', 'logger:print_freq=1']
+        run([osp.join('vqir', 'train.py'), '-opt', opt_file] + force_yml(overrides), root)
 
 
 def test_all(root):
     print(f'\n==== test on held-out photos ({TEST_OPT}) ====', flush=True)
-    run([osp.join('vqir', 'test.py'), '-opt', TEST_OPT] + root_args(root), root)
+    run([osp.join('vqir', 'test.py'), '-opt', TEST_OPT] + force_yml(root_overrides(root)), root)
 
 
 def main(argv=None):
