@@ -25,9 +25,12 @@ import numpy as np
 import torch
 
 import vqir  # noqa: F401  (first: it adapts basicsr to current torchvision and registers the components)
+from basicsr.archs import build_network
 from basicsr.metrics import calculate_psnr, calculate_ssim
+from basicsr.utils import img2tensor, tensor2img
 from basicsr.utils.matlab_functions import imresize
 
+from vqir.data.transforms import pad_to_multiple as pad_image_to_multiple
 from vqir.inference import Rescaler
 from vqir.metrics.ciede2000_metric import calculate_ciede2000
 from vqir.models.vqgan_model import pad_to_multiple
@@ -45,19 +48,12 @@ MAX_Y_PSNR_LOSS_DB = 1.5
 MIN_LR_RGB_PSNR_DB = 26.0
 
 
-def _pad_to_multiple(img, multiple):
-    h, w = img.shape[:2]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    mode = cv2.BORDER_REFLECT_101 if ph < h and pw < w else cv2.BORDER_REPLICATE
-    return cv2.copyMakeBorder(img, 0, ph, 0, pw, mode) if ph or pw else img
-
-
 def bicubic_rescale(hr_bgr, scale):
     """(uint8 LR, uint8 reconstruction of the HR's size) of bicubic down/up rescaling.
 
     Sides that do not divide by the scale are reflect-padded, as the network's input is."""
     h, w = hr_bgr.shape[:2]
-    padded = _pad_to_multiple(hr_bgr, scale).astype(np.float64) / 255.
+    padded = pad_image_to_multiple(hr_bgr.astype(np.float64) / 255., scale)
     lr = np.clip(np.round(imresize(padded, 1 / scale) * 255), 0, 255).astype(np.uint8)
     up = imresize(lr.astype(np.float64) / 255., scale)
     up = np.clip(np.round(up * 255), 0, 255).astype(np.uint8)
@@ -73,12 +69,12 @@ def _read(path):
 
 def _to_uint8_bgr(tensor):
     """(1, 3, H, W) RGB in [0, 1] -> uint8 (H, W, 3) BGR, rounded as saved images are."""
-    rgb = tensor[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    return np.round(rgb[..., ::-1] * 255).astype(np.uint8)
+    return tensor2img(tensor[0], rgb2bgr=True, min_max=(0, 1))
 
 
 def _to_tensor(img_bgr):
-    return torch.from_numpy(np.ascontiguousarray(img_bgr[..., ::-1]) / 255.).float().permute(2, 0, 1)[None]
+    """uint8 (H, W, 3) BGR -> (1, 3, H, W) RGB float32 in [0, 1]."""
+    return img2tensor(img_bgr / 255., bgr2rgb=True, float32=True)[None]
 
 
 def _network_options(opt_file):
@@ -89,9 +85,7 @@ class StageNetworks:
     """The demo's stage-0 VQGAN and stage-1 network, for the reconstructions ``test.py`` does not make."""
 
     def __init__(self, vqgan_opt_file, vqgan_weights, stage1_opt_file, stage1_weights):
-        from basicsr.archs import build_network
-        vqgan_opt = _network_options(vqgan_opt_file)
-        self.vqgan = build_network(vqgan_opt).eval()
+        self.vqgan = build_network(_network_options(vqgan_opt_file)).eval()
         load_weights(self.vqgan, vqgan_weights, strict=True)
         self.stage1 = Rescaler.from_weights(stage1_weights, opt=_network_options(stage1_opt_file), device='cpu')
 
@@ -173,10 +167,8 @@ def _fmt(value):
 
 def _table_rows(photos, means):
     """(image, size, method title, metrics) rows: natural photos, their mean, then synthetic charts."""
-    rows = []
-    for group in ([p for p in photos if not p['synthetic']], ):
-        for p in group:
-            rows += [(p['name'], p['size'], title, p['metrics'][method]) for method, title in METHODS]
+    rows = [(p['name'], p['size'], title, p['metrics'][method])
+            for p in photos if not p['synthetic'] for method, title in METHODS]
     rows += [('**mean**', 'natural photos', title, means[method]) for method, title in METHODS] if means else []
     for p in photos:
         if p['synthetic']:
