@@ -58,8 +58,9 @@ def pixel_difference(inputs, reconstructions, chroma_weight=None):
     diff = inputs - reconstructions
     if chroma_weight is None:
         return diff
-    # YCbCr is affine in RGB: the difference of the conversions is the linear part applied to diff
-    ycbcr = rgb2ycbcr_pt(diff / 2) - rgb2ycbcr_pt(diff.new_zeros(()).expand_as(diff))
+    # YCbCr is affine in RGB: the difference of the conversions is the linear part applied to diff,
+    # i.e. the conversion of diff less the conversion's offset (that of black, one pixel)
+    ycbcr = rgb2ycbcr_pt(diff / 2) - rgb2ycbcr_pt(diff.new_zeros(1, 3, 1, 1))
     weights = diff.new_tensor([1.0, chroma_weight, chroma_weight]).view(1, 3, 1, 1)
     return 2 * ycbcr * weights
 
