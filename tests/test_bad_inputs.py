@@ -569,3 +569,69 @@ def test_dataset_lq_of_an_image_with_a_16_pixel_side(tmp_path):
     item = _dataset(tmp_path, 'val')[0]
     assert item['gt'].shape == (3, 16, 48) and item['lq'].shape == (3, 1, 3)
     torch.testing.assert_close(item['lq'], torch.full((3, 1, 3), 90 / 255.))  # a flat image stays flat
+
+
+# ---------------------------------------------------------------------------------------------- tracebacks
+
+_PIPELINE_SCRIPT = '''
+import sys
+from vqir.utils.entry_point import run_pipeline
+from vqir.utils.options import OptionsError
+from vqir.utils.run_logger import init_run_logger
+
+def pipeline(root, argv):
+    init_run_logger(sys.argv[1])
+    if sys.argv[2] == 'user':
+        raise OptionsError('bad.yml: option train:lr is not a number')
+    raise RuntimeError('size mismatch in a layer (a bug)')
+
+run_pipeline(pipeline)
+'''
+
+
+@pytest.mark.parametrize('kind', ['user', 'fault'])
+def test_user_errors_are_one_line_and_faults_keep_their_traceback(tmp_path, kind):
+    """A user's mistake: one error line on the terminal and in the run log. Anything else (here a
+    RuntimeError, as a shape bug or a CUDA out-of-memory raise): the traceback on both."""
+    log = tmp_path / 'run.log'
+    env = {k: v for k, v in cli_env().items() if k != 'VQIR_TRACEBACK'}
+    proc = subprocess.run([sys.executable, '-c', _PIPELINE_SCRIPT, str(log), kind], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    logged = log.read_text()
+    assert proc.returncode == 1, proc.stderr
+    if kind == 'user':
+        assert error_lines(proc.stderr) == ['error: bad.yml: option train:lr is not a number'], proc.stderr
+        assert 'Traceback' not in proc.stderr + logged
+        assert 'error: bad.yml: option train:lr is not a number' in logged
+    else:
+        for text in (proc.stderr, logged):
+            assert 'Traceback (most recent call last)' in text and 'RuntimeError: size mismatch in a layer' in text
+        assert not error_lines(proc.stderr)
+
+
+@pytest.mark.parametrize('message, traceback_expected', [
+    ('size mismatch in a layer (a bug)', True),
+    ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+     '68719476736 bytes', False),
+])
+def test_rescale_reports_a_failing_image_and_goes_on(tmp_path, tiny_weights, capsys, monkeypatch, message,
+                                                    traceback_expected):
+    """vqir-rescale goes on with the other images; a fault keeps its traceback, running out of CPU memory
+    (a RuntimeError too) is one line."""
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    cv2.imwrite(str(folder / 'a_fails.png'), PHOTO)
+    cv2.imwrite(str(folder / 'b_photo.png'), PHOTO)
+    real_downscale = Rescaler.downscale
+
+    def downscale(self, hr):
+        if getattr(downscale, 'first', True):
+            downscale.first = False
+            raise RuntimeError(message)
+        return real_downscale(self, hr)
+
+    monkeypatch.setattr(Rescaler, 'downscale', downscale)
+    status, err = run_rescale(capsys, 'down', folder, '-o', tmp_path / 'lr', *_net(tiny_weights))
+    assert status == 1 and os.listdir(tmp_path / 'lr') == ['b_photo.png']
+    assert error_lines(err) == [f'error: {folder / "a_fails.png"}: {message}'], err
+    assert (f'RuntimeError: {message}' in err) == traceback_expected, err  # the traceback's last line

@@ -248,8 +248,9 @@ def stage_argv(yml, demo, *force, extra=()):
             'val=~', 'logger:pbar=false', 'logger:print_freq=1', *force]
 
 
-def test_resumed_stage1_run_follows_the_uninterrupted_run(tmp_path, demo):
-    common = ['logger:save_checkpoint_freq=3']
+@pytest.mark.parametrize('ema', [False, True], ids=['plain', 'ema'])
+def test_resumed_stage1_run_follows_the_uninterrupted_run(tmp_path, demo, ema):
+    common = ['logger:save_checkpoint_freq=3'] + (['train:ema_decay=0.5'] if ema else [])
     straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
     train_pipeline(straight, argv=stage_argv(STAGE1_YML, demo, 'train:total_iter=6', *common))
     train_pipeline(split, argv=stage_argv(STAGE1_YML, demo, 'train:total_iter=3', *common))
@@ -261,10 +262,16 @@ def test_resumed_stage1_run_follows_the_uninterrupted_run(tmp_path, demo):
     for a, b in zip(rows_straight, rows_split):
         for column in ('l_guide', 'l_feature', 'l_gram', 'l_total'):
             assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-5, abs=1e-7), (a['iter'], column)
-    weights_straight = load_state_dict(osp.join(straight, exp, 'models', 'net_g_6.pth'))
-    weights_split = load_state_dict(osp.join(split, exp, 'models', 'net_g_6.pth'))
-    for key, value in weights_straight.items():
-        torch.testing.assert_close(weights_split[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for param_key in ('params', 'params_ema') if ema else ('params', ):
+        weights_straight = load_state_dict(osp.join(straight, exp, 'models', 'net_g_6.pth'), param_key=param_key)
+        weights_split = load_state_dict(osp.join(split, exp, 'models', 'net_g_6.pth'), param_key=param_key)
+        for key, value in weights_straight.items():
+            torch.testing.assert_close(weights_split[key], value, rtol=1e-5, atol=1e-6, msg=(param_key, key))
+    if ema:  # the average lags behind the trained IFRM; the frozen VQGAN is the same in both
+        params, averaged = (load_state_dict(osp.join(split, exp, 'models', 'net_g_6.pth'), param_key=k)
+                            for k in ('params', 'params_ema'))
+        assert any(not torch.equal(params[k], averaged[k]) for k in params if k.startswith('icrm.'))
+        assert all(torch.equal(params[k], averaged[k]) for k in params if not k.startswith('icrm.'))
 
 
 def _tiny_vqir(yml, seed):

@@ -302,3 +302,54 @@ def test_bf16_from_the_command_line(files, tmp_path, capsys):
     # bfloat16 did run (the images differ) and stays close: measured max 12, mean 1.07 grey levels
     assert outs['bf16'].shape == outs['fp32'].shape
     assert diff.max() > 0 and diff.mean() < 3
+
+
+# ------------------------------------------------------------------------------------------ command-line habits
+
+
+def test_up_writes_jpg_and_webp_with_a_suffix(files, rescaler, tmp_path, capsys):
+    """Real-ESRGAN's --ext and --suffix: the same reconstruction, in the asked format and name."""
+    status, err = run(capsys, 'down', files['photo'], '-o', tmp_path / 'lr', '--suffix', '_lr', *_net_args(files))
+    assert status == 0 and os.listdir(tmp_path / 'lr') == ['photo_lr.png'], err
+    lr_file = tmp_path / 'lr' / 'photo_lr.png'
+    status, err = run(capsys, 'up', lr_file, '-o', tmp_path / 'png', *_net_args(files))
+    assert status == 0, err
+    reference = cv2.imread(str(tmp_path / 'png' / 'photo_lr.png'))
+    for ext in ('jpg', 'webp'):
+        status, err = run(capsys, 'up', lr_file, '-o', tmp_path / ext, '--ext', ext, '--suffix', '_x16',
+                          *_net_args(files))
+        assert status == 0, err
+        assert os.listdir(tmp_path / ext) == [f'photo_lr_x16.{ext}']
+        with open(tmp_path / ext / f'photo_lr_x16.{ext}', 'rb') as f:
+            head = f.read(12)
+        assert head.startswith(b'\xff\xd8\xff') if ext == 'jpg' else head[8:12] == b'WEBP'
+        written = cv2.imread(str(tmp_path / ext / f'photo_lr_x16.{ext}'))
+        assert written.shape == reference.shape == (100, 76, 3)
+        # the PNG's image, encoded by OpenCV with its default quality
+        assert np.array_equal(written, cv2.imdecode(cv2.imencode(f'.{ext}', reference)[1], cv2.IMREAD_COLOR))
+    status, err = run(capsys, 'up', lr_file, '-o', tmp_path / 'deep', '--ext', 'jpg', '--bit-depth', '16',
+                      *_net_args(files))
+    assert status == 1 and 'error: --ext jpg stores 8 bits per sample; --bit-depth 16 needs --ext png' in err
+    assert not (tmp_path / 'deep').exists()
+
+
+def test_device_index_tile_overlap_spellings_version_and_examples(files, tmp_path, capsys):
+    for spelling in ('--tile-overlap', '--tile_overlap'):
+        status, err = run(capsys, 'down', files['photo'], '-o', tmp_path / spelling, '--tile', '32', spelling, '16',
+                          *_net_args(files))
+        assert status == 0, err
+    assert (cv2.imread(str(tmp_path / '--tile-overlap' / 'photo.png')) ==
+            cv2.imread(str(tmp_path / '--tile_overlap' / 'photo.png'))).all()
+    if not torch.cuda.is_available():
+        status, err = run(capsys, 'down', files['photo'], '-o', tmp_path / 'gpu', '--device', 'cuda:1',
+                          *_net_args(files))
+        assert status == 1 and 'error: --device cuda:1: CUDA is not available' in err
+    with pytest.raises(SystemExit) as stop:
+        main(['down', files['photo'], '-o', str(tmp_path / 'x'), '--device', 'gpu1'])
+    assert stop.value.code == 2 and "expected auto, cpu, cuda or cuda:N, got 'gpu1'" in capsys.readouterr().err
+    for argv in (['--version'], ['up', '-h']):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 0
+        out = capsys.readouterr().out
+        assert ('vqir-rescale (vqir ' in out) if argv == ['--version'] else ('examples:\n  vqir-rescale down' in out)

@@ -242,3 +242,15 @@ def test_fp16_training_scales_the_loss_and_resumes_the_scale(tmp_path, photo_dir
 def test_mixed_precision_option_is_checked(tmp_path, photo_dirs):
     with pytest.raises(ValueError, match=r'train:mixed_precision must be one of fp32, bf16, fp16 .*got .bfloat16.'):
         tiny_options(tmp_path, photo_dirs, 'train:mixed_precision=bfloat16')
+
+
+def test_ema_is_what_validation_runs(tmp_path, photo_dirs):
+    """With train.ema_decay the model keeps an average of the IFRM that lags behind it, and
+    validation and test run that average."""
+    model = build_model(tiny_options(tmp_path, photo_dirs, 'train:ema_decay=0.9'))
+    train_steps(model, fixed_batch(model.opt), 3)
+    trained, averaged = model.bare_net.state_dict(), model.ema.state_dict()
+    assert any(not torch.equal(trained[k], averaged[k]) for k in trained if k.startswith('icrm.'))
+    assert model.rescaler.net is model.ema.net
+    with pytest.raises(ValueError, match=r'option train:ema_decay must be a number in \[0, 1\)'):
+        tiny_options(tmp_path, photo_dirs, 'train:ema_decay=1.5')

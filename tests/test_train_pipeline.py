@@ -168,6 +168,7 @@ def test_unknown_top_level_key_is_a_clear_error(tmp_path, data_dirs):
 @pytest.mark.parametrize('line, message', [
     ('max_bad_step: 5', 'option train:max_bad_step is not a known train key (did you mean "max_bad_steps"?)'),
     ('codebook_restart_every: 0', 'option train:codebook_restart_every must be a positive integer'),
+    ('ema_decay: 0.999', 'option train:ema_decay is read only by VQIRModel and VQIRRFModel; VQGANModel would ignore it'),
 ])
 def test_bad_train_keys_are_clear_errors(tmp_path, data_dirs, line, message):
     bad = _write_variant(tmp_path, '\ntrain:\n', f'\ntrain:\n  {line}\n')

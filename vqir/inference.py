@@ -64,6 +64,7 @@ from torch import nn
 
 from vqir.archs.lr_quantizer import quantize_lr
 from vqir.utils.checkpoint import CheckpointError, load_state_dict, load_weights
+from vqir.utils.errors import InputError
 
 __all__ = [
     'Rescaler', 'NetworkOptionsError', 'official_network_options', 'inspect_vqir_weights', 'DEFAULT_AUTO_TILE_PIXELS',
@@ -99,7 +100,7 @@ _OFFICIAL_NETWORK = OrderedDict(
 _NETWORK_PARTS = ('encoder', 'quant_conv', 'quantize', 'icrm', 'post_quant_conv', 'decoder')
 
 
-class NetworkOptionsError(ValueError):
+class NetworkOptionsError(InputError, ValueError):
     """Network options (a ``network_g`` block) that do not describe a usable VQIR network."""
 
 

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m vqir.rescale down photos/ -o lr/ --weights pretrained/vqir_16x.pth
-    python -m vqir.rescale up lr/ -o rebuilt/ --weights pretrained/vqir_16x.pth
-    vqir-rescale down big.png -o lr/ --weights vqir_32x.pth --scale 32 --tile 512
+    python -m vqir.rescale down photos/ -o lr/ --weights pretrained/vqir_x16.pth
+    python -m vqir.rescale up lr/ -o rebuilt/ --weights pretrained/vqir_x16.pth
+    vqir-rescale down big.png -o lr/ --weights pretrained/vqir_x32.pth --scale 32 --tile 512
 
 ``down`` writes ``<stem>.png``: the LR image, 1/s of the input size (rounded up), an ordinary
 8-bit RGB PNG, and all that ``up`` needs. It also records in PNG text chunks the original size
@@ -33,6 +33,7 @@ import argparse
 import os
 import re
 import sys
+import traceback
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ from tqdm import tqdm
 from vqir.data.transforms import bicubic_downscale
 from vqir.inference import DEFAULT_TILE_OVERLAP, INFERENCE_KEYS, NetworkOptionsError, Rescaler
 from vqir.utils.checkpoint import CheckpointError
+from vqir.utils.errors import InputError
+from vqir.version import __version__
 from vqir.utils.image_io import (DEFAULT_MAX_PIXELS, ImageInfo, ImageReadError, ImageWriteError, list_images, read_image,
                                  write_image)
 from vqir.utils.options import KNOWN_PATH_KEYS, KNOWN_PATH_KEYS_PREFIXES, KNOWN_TOP_LEVEL_KEYS, OptionsError, \
@@ -52,9 +55,10 @@ TEXT_SIZE = 'vqir:original_size'
 TEXT_SCALE = 'vqir:ir_scale'
 TEXT_MODE = 'vqir:mode'
 NETWORK_BLOCKS = ('network_g', 'network_ir')
+UP_EXTENSIONS = ('png', 'jpg', 'webp')  # what `up --ext` writes; `down` always writes PNG (lossless, text chunks)
 
 
-class UsageError(ValueError):
+class UsageError(InputError, ValueError):
     """A problem with the command line or the options file (reported, exit status 1)."""
 
 
@@ -65,9 +69,26 @@ def _size_arg(text):
     return int(match.group(1)), int(match.group(2))
 
 
+def _device_arg(text):
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', text):
+        raise argparse.ArgumentTypeError(f'expected auto, cpu, cuda or cuda:N, got {text!r}')
+    return text
+
+
+EXAMPLES = """examples:
+  vqir-rescale down photos/ -o lr/ --weights pretrained/vqir_x16.pth
+  vqir-rescale up lr/ -o rebuilt/ --weights pretrained/vqir_x16.pth
+  vqir-rescale up lr/ -o rebuilt/ --weights pretrained/vqir_x16.pth --ext jpg --suffix _x16
+  vqir-rescale down big.png -o lr/ --weights pretrained/vqir_x32.pth --scale 32 --tile 512 --device cuda:1
+  vqir-rescale up lr/ -o rebuilt/ --opt options/test/demo_x16.yml     (the demo's network)
+"""
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog='vqir-rescale', description='Extreme image rescaling with VQIR: 8-bit LR images and their reconstruction.')
+        prog='vqir-rescale', description='Extreme image rescaling with VQIR: 8-bit LR images and their reconstruction.',
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--version', action='version', version=f'%(prog)s (vqir {__version__})')
     sub = parser.add_subparsers(dest='command', required=True, metavar='{down,up}')
 
     common = argparse.ArgumentParser(add_help=False)
@@ -77,10 +98,13 @@ def build_parser():
     common.add_argument('--scale', type=int, choices=(16, 32), help='16 or 32 (default: that of the weights)')
     common.add_argument('--opt', metavar='FILE', help='options YAML with a network_g block (instead of the '
                         'released network configuration)')
-    common.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
+    common.add_argument('--device', type=_device_arg, default='auto', metavar='{auto,cpu,cuda,cuda:N}',
+                        help='where the network runs (default: auto, the first GPU if there is one)')
+    common.add_argument('--suffix', default='', metavar='TEXT',
+                        help='appended to the name of every output, e.g. _x16: photo.png -> photo_x16.png')
     common.add_argument('--tile', type=int, metavar='N', help='tile size in HR pixels, a multiple of the scale '
                         '(default: automatic above 2048x1024 pixels; 0: never tile)')
-    common.add_argument('--tile-overlap', type=int, metavar='N',
+    common.add_argument('--tile-overlap', '--tile_overlap', type=int, metavar='N',
                         help=f'context around tiles in HR pixels, a multiple of 16 (default {DEFAULT_TILE_OVERLAP})')
     common.add_argument('--half', action='store_true', help='fp16 autocast (CUDA only)')
     common.add_argument('--bf16', action='store_true',
@@ -90,14 +114,18 @@ def build_parser():
     common.add_argument('--verbose', action='store_true', help='log what is loaded')
 
     down = sub.add_parser('down', parents=[common], help='HR images -> 8-bit LR PNGs',
-                          description='Downscale images to 8-bit LR PNGs.')
+                          description='Downscale images to 8-bit LR PNGs.', epilog=EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     down.add_argument('--mod-crop', action='store_true',
                       help='crop to a multiple of the scale instead of padding (as the reference evaluates)')
     up = sub.add_parser('up', parents=[common], help='LR PNGs -> reconstructed images',
-                        description='Rebuild images from LR PNGs made by "down".')
+                        description='Rebuild images from LR PNGs made by "down".', epilog=EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument('--size', type=_size_arg, metavar='WxH',
                     help='output size (default: recorded by "down", else scale x LR size)')
     up.add_argument('--bit-depth', type=int, choices=(8, 16), default=8, help='bits per sample of the outputs')
+    up.add_argument('--ext', choices=UP_EXTENSIONS, default='png',
+                    help='format of the outputs (default png; jpg and webp are 8-bit, jpg has no alpha)')
     return parser
 
 
@@ -173,8 +201,12 @@ def build_rescaler(args):
     if half and (args.device == 'cpu' or not torch.cuda.is_available()):
         where = '--half' if args.half else f'{args.opt}: inference:half'
         raise UsageError(f'{where} needs a CUDA device')
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        raise UsageError('--device cuda: CUDA is not available')
+    if args.device.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise UsageError(f'--device {args.device}: CUDA is not available')
+        index = int(args.device.partition(':')[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f'--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)')
     try:
         return Rescaler.from_weights(weights, scale=args.scale, opt=net_opt, device=args.device, half=half, **kwargs)
     except NetworkOptionsError as err:
@@ -256,6 +288,11 @@ def upscale_file(rescaler, path, out_path, size=None, bit_depth=8):
 # ---------------------------------------------------------------------------------------------- main
 
 
+def _is_allocation_failure(err):
+    """The CPU allocator's out-of-memory (a RuntimeError, unlike torch.OutOfMemoryError)."""
+    return "can't allocate memory" in str(err) or 'not enough memory' in str(err)
+
+
 def _report(message):
     tqdm.write(f'error: {message}', file=sys.stderr)
 
@@ -281,7 +318,10 @@ def main(argv=None):
     if not files:
         return 1
 
+    ext = getattr(args, 'ext', 'png')
     try:
+        if ext != 'png' and getattr(args, 'bit_depth', 8) == 16:
+            raise UsageError(f'--ext {ext} stores 8 bits per sample; --bit-depth 16 needs --ext png')
         rescaler = build_rescaler(args)
     except (UsageError, OptionsError, CheckpointError) as err:
         _report(err)
@@ -290,7 +330,7 @@ def main(argv=None):
 
     written = {}  # output path -> input that produced it
     for path in tqdm(files, unit='image', disable=None, desc=args.command):
-        out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + '.png')
+        out_path = os.path.join(args.output, f'{os.path.splitext(os.path.basename(path))[0]}{args.suffix}.{ext}')
         if os.path.exists(out_path) and os.path.samefile(out_path, path):
             _report(f'{path}: the output {out_path} would overwrite the input (choose another -o)')
             failed += 1
@@ -314,8 +354,11 @@ def main(argv=None):
         except OSError as err:
             _report(f'{path}: {err.strerror or err}')
             failed += 1
-        except RuntimeError as err:  # e.g. the CPU allocator out of memory: report it, go on with the rest
-            _report(f'{path}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}')
+        except RuntimeError as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if not _is_allocation_failure(err):  # a fault, not the machine's size: keep its traceback
+                tqdm.write(traceback.format_exc().rstrip(), file=sys.stderr)
+            _report(f'{path}: {first_line}')  # and go on with the other images
             failed += 1
     if failed:
         print(f'{len(written)} written to {args.output}, {failed} failed', file=sys.stderr)

@@ -31,14 +31,16 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
 from vqir.utils.atomic_file import atomic_write_bytes
-from vqir.utils.checkpoint import atomic_torch_save, load_weights, save_state_dict
+from vqir.utils.checkpoint import CheckpointError, atomic_torch_save, load_weights, save_state_dict
 from vqir.utils.dist import barrier, is_distributed, master_only
+from vqir.utils.errors import InputError
 from vqir.utils.image_io import write_image
-from vqir.utils.options import METRIC_ROUTING_KEYS, MIXED_PRECISION
+from vqir.utils.options import METRIC_ROUTING_KEYS, MIXED_PRECISION, OptionsError
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many consecutive training steps with a non-finite loss or gradient."""
+class NonFiniteLossError(InputError, RuntimeError):
+    """Raised after too many consecutive training steps with a non-finite loss or gradient; the message
+    names the losses and what to lower, which is all a traceback would add."""
 
 
 def get_rng_state():
@@ -77,9 +79,10 @@ class VQIRBaseModel(BaseModel):
             self.device = torch.device('cpu')
         self.network_color = opt.get('network_color', 'rgb')
         if self.network_color not in ('rgb', 'bgr'):
-            raise ValueError(f"network_color must be 'rgb' or 'bgr', got {self.network_color!r}")
+            raise OptionsError(f"network_color must be 'rgb' or 'bgr', got {self.network_color!r}")
         self.log_dict = OrderedDict()
         self.saved_networks = OrderedDict()  # label -> network, written by save()
+        self.ema = None  # ModelEMA of net_g with train.ema_decay: saved as params_ema in net_g's file
         self.output = {}
         self._bad_steps = 0
         self.autocast_dtype = self._mixed_precision_dtype()
@@ -97,8 +100,8 @@ class VQIRBaseModel(BaseModel):
             return None
         name = (self.opt.get('train') or {}).get('mixed_precision') or 'fp32'
         if name not in MIXED_PRECISION:
-            raise ValueError(f'{self.opt.get("opt_path", "options")}: train:mixed_precision must be one of '
-                             f'{", ".join(MIXED_PRECISION)}, got {name!r}')
+            raise OptionsError(f'{self.opt.get("opt_path", "options")}: train:mixed_precision must be one of '
+                               f'{", ".join(MIXED_PRECISION)}, got {name!r}')
         return MIXED_PRECISION[name]
 
     def autocast(self):
@@ -141,7 +144,7 @@ class VQIRBaseModel(BaseModel):
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         optim_class = getattr(torch.optim, optim_type, None)
         if not (isinstance(optim_class, type) and issubclass(optim_class, torch.optim.Optimizer)):
-            raise ValueError(f'unknown optimizer type "{optim_type}" (any torch.optim optimizer, e.g. Adam, AdamW, SGD)')
+            raise OptionsError(f'unknown optimizer type "{optim_type}" (any torch.optim optimizer, e.g. Adam, AdamW, SGD)')
         return optim_class(params, lr, **kwargs)
 
     def build_optimizer(self, key, params):
@@ -151,7 +154,7 @@ class VQIRBaseModel(BaseModel):
         lr = optim_opt.pop('lr')
         params = [p for p in params if p.requires_grad]
         if not params:
-            raise ValueError(f'train.{key}: no trainable parameters to optimise')
+            raise OptionsError(f'train.{key}: no trainable parameters to optimise')
         optimizer = self.get_optimizer(optim_type, params, lr, **optim_opt)
         self.optimizers.append(optimizer)
         return optimizer
@@ -167,7 +170,7 @@ class VQIRBaseModel(BaseModel):
         classes = {'MultiStepLR': lr_scheduler.MultiStepRestartLR, 'MultiStepRestartLR': lr_scheduler.MultiStepRestartLR,
                    'CosineAnnealingRestartLR': lr_scheduler.CosineAnnealingRestartLR}
         if sched_type not in classes:
-            raise ValueError(f'unknown scheduler type "{sched_type}" (known: {", ".join(classes)})')
+            raise OptionsError(f'unknown scheduler type "{sched_type}" (known: {", ".join(classes)})')
         for optimizer in self.optimizers:
             self.schedulers.append(classes[sched_type](optimizer, **sched_opt))
 
@@ -201,9 +204,14 @@ class VQIRBaseModel(BaseModel):
 
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
+        """``<models>/<net_label>_<iter>.pth``: ``{param_key: weights}``, plus ``params_ema`` for net_g
+        when an EMA is kept (basicsr's layout)."""
         label = 'latest' if current_iter == -1 else current_iter
         save_path = osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth')
-        save_state_dict({param_key: self.get_bare_model(net).state_dict()}, save_path)
+        params = {param_key: self.get_bare_model(net).state_dict()}
+        if net_label == 'net_g' and self.ema is not None:
+            params['params_ema'] = self.ema.state_dict()
+        save_state_dict(params, save_path)
 
     def save(self, epoch, current_iter):
         extra = self.extra_training_state() if current_iter != -1 else {}  # on every process (see there)
@@ -232,8 +240,8 @@ class VQIRBaseModel(BaseModel):
 
     def resume_training(self, resume_state):
         if len(resume_state['optimizers']) != len(self.optimizers):
-            raise ValueError(f'training state has {len(resume_state["optimizers"])} optimizers, '
-                             f'this model has {len(self.optimizers)}')
+            raise CheckpointError(f'training state has {len(resume_state["optimizers"])} optimizers, '
+                                  f'this model has {len(self.optimizers)}')
         for optimizer, state in zip(self.optimizers, resume_state['optimizers']):
             optimizer.load_state_dict(state)
         for scheduler, state in zip(self.schedulers, resume_state['schedulers']):
@@ -291,6 +299,8 @@ class VQIRBaseModel(BaseModel):
 
     def step_succeeded(self):
         self._bad_steps = 0
+        if self.ema is not None:
+            self.ema.update()
 
     def backward_and_step(self, loss, optimizer, params, name):
         """Backward, check gradients, clip (``train.grad_clip_norm``), step. Returns False if skipped.

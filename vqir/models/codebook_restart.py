@@ -17,6 +17,8 @@ import torch
 from torch import distributed as dist
 
 from vqir.utils.dist import is_distributed
+from vqir.utils.checkpoint import CheckpointError
+from vqir.utils.options import OptionsError
 
 __all__ = ['DeadCodeRestart']
 
@@ -31,9 +33,9 @@ class DeadCodeRestart:
 
     def __init__(self, quantizer, interval):
         if not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0:
-            raise ValueError(f'codebook_restart_every must be a positive integer, got {interval!r}')
+            raise OptionsError(f'codebook_restart_every must be a positive integer, got {interval!r}')
         if quantizer.remap is not None:
-            raise ValueError('codebook_restart_every cannot be used with a remapped codebook (remap)')
+            raise OptionsError('codebook_restart_every cannot be used with a remapped codebook (remap)')
         self.quantizer = quantizer
         self.interval = interval
         self.hits = None
@@ -81,8 +83,8 @@ class DeadCodeRestart:
         self.iterations = int(state['iterations'])
         hits = state['hits']
         if hits is not None and hits.numel() != self.quantizer.embedding.weight.shape[0]:
-            raise ValueError(f'codebook restart state counts {hits.numel()} codes, the codebook has '
-                             f'{self.quantizer.embedding.weight.shape[0]}')
+            raise CheckpointError(f'codebook restart state counts {hits.numel()} codes, the codebook has '
+                                  f'{self.quantizer.embedding.weight.shape[0]}')
         if hits is not None:
             hits = hits.to(self.quantizer.embedding.weight.device)
             if is_distributed() and dist.get_rank() != 0:

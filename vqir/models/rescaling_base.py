@@ -21,6 +21,9 @@ Options read here (besides the base class's):
     inference: {tile, tile_overlap, size_mode, half, bf16, compile, ...}: how ``test()`` runs the network
         (see :class:`vqir.inference.Rescaler`); default: pad any size, tile only huge images.
     network_color: 'rgb' (default) or 'bgr' (the reference's stage-1 channel order).
+    train.ema_decay: keep an exponential moving average of the trained weights (e.g. 0.999; 0 or
+        absent: none), saved as ``params_ema`` beside ``params`` and used by validation; see
+        :mod:`vqir.models.ema`.
 
 Batches (datasets' keys, RGB in [0, 1]): ``gt`` (HR), ``lq`` (bicubic HR↓s), ``gt_level2``,
 ``gt_level4`` (bicubic HR↓2, ↓4). They are kept in ``self.targets`` for validation.
@@ -35,8 +38,9 @@ from torch import nn
 
 from vqir.inference import Rescaler
 from vqir.models.base_model import VQIRBaseModel
-from vqir.utils.checkpoint import CheckpointError
-from vqir.utils.options import check_inference_options
+from vqir.models.ema import ModelEMA
+from vqir.utils.checkpoint import CheckpointError, load_state_dict
+from vqir.utils.options import OptionsError, check_inference_options
 
 __all__ = ['RescalingModel', 'VQGAN_PARTS', 'freeze_in_eval', 'PartsView']
 
@@ -98,12 +102,12 @@ class RescalingModel(VQIRBaseModel):
         self.logger = get_root_logger()
         net = build_network(self.network_options())
         if getattr(net, 'stage', None) != self.stage:
-            raise ValueError(f'{self.opt.get("opt_path", "options")}: {type(self).__name__} trains stage {self.stage}, '
-                             f'but the network is stage {getattr(net, "stage", None)!r} (set stage: {self.stage} in '
-                             f'{self.network_key})')
+            raise OptionsError(f'{self.opt.get("opt_path", "options")}: {type(self).__name__} trains stage {self.stage}, '
+                               f'but the network is stage {getattr(net, "stage", None)!r} (set stage: {self.stage} in '
+                               f'{self.network_key})')
         if self.opt.get('ir_scale') is not None and self.opt['ir_scale'] != net.ir_scale:
-            raise ValueError(f'{self.opt.get("opt_path", "options")}: ir_scale {self.opt["ir_scale"]} differs from '
-                             f'{self.network_key}:ir_scale {net.ir_scale}')
+            raise OptionsError(f'{self.opt.get("opt_path", "options")}: ir_scale {self.opt["ir_scale"]} differs from '
+                               f'{self.network_key}:ir_scale {net.ir_scale}')
         self.ir_scale = net.ir_scale
         self.load_rescaling_weights(net)
         for name, part in net.named_children():
@@ -112,6 +116,10 @@ class RescalingModel(VQIRBaseModel):
         self.log_parameter_counts(net)
         self.net_g = self.model_to_device(net)
         self.saved_networks['net_g'] = self.net_g
+        ema_decay = self.opt['train'].get('ema_decay', 0) if self.is_train else 0
+        if ema_decay:
+            self.ema = ModelEMA(net, ema_decay)
+            self.resume_ema()
         self.targets = OrderedDict()
         self._rescaler = None
         if self.is_train:
@@ -121,14 +129,26 @@ class RescalingModel(VQIRBaseModel):
             self.net_g.eval()
 
     # ------------------------------------------------------------------ network and weights
+    def resume_ema(self):
+        """A resumed run takes its EMA back from ``params_ema`` of the checkpoint that ``net_g`` came
+        from (``params``); any other run starts its EMA from the weights ``net_g`` loaded."""
+        g_path = self._path_option('pretrain_network')
+        if self.opt['path'].get('resume_state') and g_path is not None:
+            self.ema.load_state_dict(load_state_dict(g_path, param_key='params_ema'))
+
+    @property
+    def evaluated_net(self):
+        """What validation and test run: the EMA of the weights when one is kept."""
+        return self.ema.net if self.ema is not None else self.bare_net
+
     @property
     def network_key(self):
         """'network_g', or the reference's name 'network_ir'."""
         present = [key for key in ('network_g', 'network_ir') if key in self.opt]
         if len(present) != 1:
             what = 'both' if present else 'neither'
-            raise ValueError(f'{self.opt.get("opt_path", "options")}: {type(self).__name__} needs the VQIR network '
-                             f'in network_g (or the reference\'s name network_ir); {what} given')
+            raise OptionsError(f'{self.opt.get("opt_path", "options")}: {type(self).__name__} needs the VQIR network '
+                               f'in network_g (or the reference\'s name network_ir); {what} given')
         return present[0]
 
     def network_options(self):
@@ -229,10 +249,10 @@ class RescalingModel(VQIRBaseModel):
             inference_opt = dict(self.opt.get('inference') or {})
             check_inference_options(self.opt, self.opt.get('opt_path', 'options'))  # as parse_options does
             try:
-                self._rescaler = Rescaler(self.bare_net, ir_scale=self.ir_scale, network_color=self.network_color,
-                                          **inference_opt)
+                self._rescaler = Rescaler(self.evaluated_net, ir_scale=self.ir_scale,
+                                          network_color=self.network_color, **inference_opt)
             except ValueError as err:
-                raise ValueError(f'{self.opt.get("opt_path", "options")}: option inference: {err}') from None
+                raise OptionsError(f'{self.opt.get("opt_path", "options")}: option inference: {err}') from None
         return self._rescaler
 
     def test(self):

@@ -31,6 +31,7 @@ from vqir.metrics.codebook_metric import CodebookUsageAccumulator
 from vqir.models.base_model import VQIRBaseModel
 from vqir.models.codebook_restart import DeadCodeRestart
 from vqir.utils.checkpoint import load_weights
+from vqir.utils.options import OptionsError
 
 __all__ = ['VQGANModel', 'pad_to_multiple']
 
@@ -86,9 +87,9 @@ class VQGANModel(VQIRBaseModel):
     def __init__(self, opt):
         super().__init__(opt)
         if self.autocast_dtype is torch.float16:
-            raise ValueError(f'{opt.get("opt_path", "options")}: train:mixed_precision fp16 is not supported in '
-                             'stage 0: the adaptive GAN weight differentiates unscaled losses, whose fp16 gradients '
-                             'can underflow; use bf16')
+            raise OptionsError(f'{opt.get("opt_path", "options")}: train:mixed_precision fp16 is not supported in '
+                               'stage 0: the adaptive GAN weight differentiates unscaled losses, whose fp16 gradients '
+                               'can underflow; use bf16')
         self.net_g = self.model_to_device(build_network(opt['network_g']))
         self.load_pretrained(self.net_g, 'g')
         self.saved_networks['net_g'] = self.net_g
@@ -114,8 +115,8 @@ class VQGANModel(VQIRBaseModel):
         node = self.opt
         for depth, key in enumerate(keys):
             if not isinstance(node, dict) or node.get(key) is None:
-                raise ValueError(f'{self.opt.get("opt_path", "options")}: option {":".join(keys[:depth + 1])} '
-                                 f'is required by {type(self).__name__}')
+                raise OptionsError(f'{self.opt.get("opt_path", "options")}: option {":".join(keys[:depth + 1])} '
+                                   f'is required by {type(self).__name__}')
             node = node[key]
         return node
 

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from vqir.models.rescaling_base import RescalingModel
+from vqir.utils.options import OptionsError
 
 __all__ = ['VQIRModel']
 
@@ -48,12 +49,12 @@ class VQIRModel(RescalingModel):
             if loss is not None:
                 self.losses[name] = loss
         if not self.losses:
-            raise ValueError(f'{self.opt.get("opt_path", "options")}: stage 1 needs at least one of train.guide_opt, '
-                             'train.feature_opt, train.gram_opt')
+            raise OptionsError(f'{self.opt.get("opt_path", "options")}: stage 1 needs at least one of train.guide_opt, '
+                               'train.feature_opt, train.gram_opt')
         self.params_g = self.trainable_parameters()
         if 'optim_g' not in self.opt['train']:
-            raise ValueError(f'{self.opt.get("opt_path", "options")}: option train:optim_g (the IFRM optimiser) is '
-                             'required')
+            raise OptionsError(f'{self.opt.get("opt_path", "options")}: option train:optim_g (the IFRM optimiser) is '
+                               'required')
         self.optimizer_g = self.build_optimizer('optim_g', self.params_g)
         self.setup_schedulers()
 

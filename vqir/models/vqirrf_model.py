@@ -44,6 +44,7 @@ from basicsr.archs import build_network
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from vqir.models.rescaling_base import RescalingModel
+from vqir.utils.options import OptionsError
 
 __all__ = ['VQIRRFModel']
 
@@ -69,22 +70,22 @@ class VQIRRFModel(RescalingModel):
         self.cri_perceptual = self.build_loss_if_weighted('perceptual_opt')
         self.cri_gan = self.build_loss_if_weighted('gan_opt')
         if not any((self.cri_pix, self.cri_edge, self.cri_perceptual, self.cri_gan)):
-            raise ValueError(f'{opt_path}: stage 2 needs at least one of train.pixel_opt, edge_opt, perceptual_opt, '
-                             'gan_opt')
+            raise OptionsError(f'{opt_path}: stage 2 needs at least one of train.pixel_opt, edge_opt, perceptual_opt, '
+                               'gan_opt')
         self.gan_start_iter = train_opt.get('gan_start_iter', 0)
         self.net_d_iters = train_opt.get('net_d_iters', 1)
         self.net_d_init_iters = train_opt.get('net_d_init_iters', 0)
 
         for key in ('optim_g', ) + (('optim_d', ) if self.cri_gan else ()):
             if key not in train_opt:
-                raise ValueError(f'{opt_path}: option train:{key} is required')
+                raise OptionsError(f'{opt_path}: option train:{key} is required')
         self.params_g = self.trainable_parameters()
         self.optimizer_g = self.build_optimizer('optim_g', self.params_g)
         self.net_d = None
         if self.cri_gan is not None:
             if 'network_d' not in self.opt:
-                raise ValueError(f'{opt_path}: train.gan_opt needs a discriminator in network_d '
-                                 '(e.g. type: UNetDiscriminatorSN)')
+                raise OptionsError(f'{opt_path}: train.gan_opt needs a discriminator in network_d '
+                                   '(e.g. type: UNetDiscriminatorSN)')
             self.net_d = self.model_to_device(build_network(self.opt['network_d']))
             self.load_pretrained(self.net_d, 'd')
             self.net_d.train()

@@ -33,6 +33,7 @@ from basicsr.utils import get_root_logger
 from torch import nn
 
 from .atomic_file import atomic_write
+from .errors import InputError
 
 __all__ = [
     'CheckpointError', 'LoadReport', 'load_checkpoint', 'load_state_dict', 'load_weights', 'save_state_dict',
@@ -65,7 +66,7 @@ _HARMLESS_RECONSTRUCTORS = frozenset({
 })
 
 
-class CheckpointError(ValueError, RuntimeError):
+class CheckpointError(InputError, ValueError, RuntimeError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the network."""
 
 

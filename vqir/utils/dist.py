@@ -11,6 +11,12 @@ import torch
 import torch.distributed as dist
 from basicsr.utils.dist_util import get_dist_info, master_only  # noqa: F401  (re-exported)
 
+from .errors import InputError
+
+
+class LauncherError(InputError, ValueError, RuntimeError):
+    """``--launcher`` names no known launcher, or the process was not started by it."""
+
 
 def default_backend():
     return 'nccl' if torch.cuda.is_available() else 'gloo'
@@ -22,11 +28,11 @@ def init_dist(launcher, backend=None, port=None):
     if launcher == 'slurm':
         _export_slurm_env(port)
     elif launcher != 'pytorch':
-        raise ValueError(f"unknown launcher '{launcher}' (expected none, pytorch or slurm)")
+        raise LauncherError(f"unknown launcher '{launcher}' (expected none, pytorch or slurm)")
     for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
         if key not in os.environ:
-            raise RuntimeError(f'--launcher {launcher} needs the environment variable {key}; '
-                               'start the job with torchrun (or srun for slurm)')
+            raise LauncherError(f'--launcher {launcher} needs the environment variable {key}; '
+                                'start the job with torchrun (or srun for slurm)')
     if backend == 'nccl':
         local_rank = int(os.environ.get('LOCAL_RANK', int(os.environ['RANK']) % torch.cuda.device_count()))
         torch.cuda.set_device(local_rank)

@@ -1,7 +1,10 @@
-"""What `vqir/train.py` and `vqir/test.py` share: the project root and one-line errors."""
+"""What `vqir/train.py` and `vqir/test.py` share: the project root and how a run ends on an error."""
+import logging
 import os
 import sys
 from os import path as osp
+
+from .errors import InputError
 
 
 def project_root():
@@ -9,13 +12,41 @@ def project_root():
     return osp.abspath(osp.join(osp.dirname(__file__), osp.pardir, osp.pardir))
 
 
+def _run_log_handlers():
+    """The file handlers of the run log (basicsr's logger), once the run has opened one."""
+    return [h for h in logging.getLogger('basicsr').handlers if isinstance(h, logging.FileHandler)]
+
+
+def _to_run_log(message, handlers, exc_info=None):
+    """Write one record to ``handlers`` only: the terminal gets the same text from the caller."""
+    logger = logging.getLogger('basicsr')
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, exc_info)
+    for handler in handlers:
+        handler.handle(record)
+
+
 def run_pipeline(pipeline, argv=None):
-    """Run ``pipeline(root, argv)``; a bad option, file or checkpoint ends the process with one
-    ``error:`` line and exit status 1 (set VQIR_TRACEBACK=1 to see the traceback)."""
+    """Run ``pipeline(root, argv)``.
+
+    The user's own mistakes (an :class:`~vqir.utils.errors.InputError`: options, files, checkpoints,
+    images, missing weights; or a file that does not exist) end the process with one ``error:`` line,
+    in the run log as well once there is one, and exit status 1 (``VQIR_TRACEBACK=1`` adds the
+    traceback). Any other exception is a fault of the run or of the code: its traceback goes to the
+    terminal and into the run log.
+    """
+    earlier_logs = set(_run_log_handlers())  # of an earlier run in this process: not this run's log
+
+    def this_runs_log():
+        return [h for h in _run_log_handlers() if h not in earlier_logs]
+
     try:
         return pipeline(project_root(), argv)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (InputError, FileNotFoundError) as err:
         if os.environ.get('VQIR_TRACEBACK'):
             raise
+        _to_run_log(f'error: {err}', this_runs_log())
         print(f'error: {err}', file=sys.stderr)
         sys.exit(1)
+    except Exception:
+        _to_run_log('the run stopped on an unexpected error', this_runs_log(), exc_info=sys.exc_info())
+        raise

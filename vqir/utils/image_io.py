@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from .atomic_file import atomic_write_bytes
+from .errors import InputError
 
 __all__ = [
     'IMAGE_EXTENSIONS', 'DEFAULT_MAX_PIXELS', 'ImageReadError', 'ImageWriteError', 'ImageInfo', 'read_image',
@@ -42,11 +43,11 @@ _PNG_END_CHUNK = b'\x00\x00\x00\x00IEND\xaeB\x60\x82'
 _MAX_VALUE = {np.dtype(np.uint8): 255., np.dtype(np.uint16): 65535.}
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError, ValueError):
     """An input image cannot be used; the message starts with the file name."""
 
 
-class ImageWriteError(ValueError):
+class ImageWriteError(InputError, ValueError):
     """An image cannot be written as asked; the message starts with the file name."""
 
 

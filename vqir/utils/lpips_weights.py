@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from .errors import InputError
+
 __all__ = [
     'LPIPSWeightsNotFoundError', 'SUPPORTED_LPIPS_NETS', 'build_lpips', 'lpips_available', 'lpips_backbone_path',
     'lpips_backbone_url', 'lpips_linear_weights_path'
@@ -27,7 +29,7 @@ __all__ = [
 SUPPORTED_LPIPS_NETS = ('vgg', 'alex')
 
 
-class LPIPSWeightsNotFoundError(FileNotFoundError):
+class LPIPSWeightsNotFoundError(InputError, FileNotFoundError):
     """An LPIPS weights file is not where it must be (nothing is ever downloaded)."""
 
 

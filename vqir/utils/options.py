@@ -25,9 +25,11 @@ from basicsr.utils import set_random_seed
 from basicsr.utils.options import dict2str  # noqa: F401  (re-exported)
 
 from .dist import get_dist_info, init_dist, master_only
+from .errors import InputError
+from ..version import __version__
 
 
-class OptionsError(ValueError):
+class OptionsError(InputError, ValueError):
     """A problem with an options file; the message names the file and the key."""
 
 
@@ -45,10 +47,11 @@ KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs'
 # train: besides these, optimisers (optim_*) and losses (*_opt)
 KNOWN_TRAIN_KEYS = {'total_iter', 'warmup_iter', 'scheduler', 'max_bad_steps', 'grad_clip_norm',
                     'codebook_restart_every', 'gan_start_iter', 'net_d_iters', 'net_d_init_iters',
-                    'mixed_precision'}
-# train keys that one model alone reads; in another model's file they would be ignored silently
-MODEL_TRAIN_KEYS = {'codebook_restart_every': 'VQGANModel', 'gan_start_iter': 'VQIRRFModel',
-                    'net_d_iters': 'VQIRRFModel', 'net_d_init_iters': 'VQIRRFModel'}
+                    'mixed_precision', 'ema_decay'}
+# train keys that some models alone read; in another model's file they would be ignored silently
+MODEL_TRAIN_KEYS = {'codebook_restart_every': ('VQGANModel', ), 'gan_start_iter': ('VQIRRFModel', ),
+                    'net_d_iters': ('VQIRRFModel', ), 'net_d_init_iters': ('VQIRRFModel', ),
+                    'ema_decay': ('VQIRModel', 'VQIRRFModel')}
 # train.mixed_precision -> autocast dtype (None: float32 throughout)
 MIXED_PRECISION = OrderedDict([('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)])
 
@@ -157,9 +160,12 @@ def check_options(opt, opt_path, is_train):
                 hint = _did_you_mean(key, sorted(KNOWN_TRAIN_KEYS))
                 _expect(False, opt_path, f'train:{key}', f'is not a known train key{hint}: known are '
                         f'{", ".join(sorted(KNOWN_TRAIN_KEYS))}, optim_* (optimisers) and *_opt (losses)')
-        for key, owner in MODEL_TRAIN_KEYS.items():
-            _expect(key not in train or opt['model_type'] == owner, opt_path, f'train:{key}',
-                    f'is read only by {owner}; {opt["model_type"]} would ignore it')
+        for key, owners in MODEL_TRAIN_KEYS.items():
+            _expect(key not in train or opt['model_type'] in owners, opt_path, f'train:{key}',
+                    f'is read only by {" and ".join(owners)}; {opt["model_type"]} would ignore it')
+        ema = train.get('ema_decay', 0)
+        _expect(_is_number(ema) and 0 <= ema < 1, opt_path, 'train:ema_decay',
+                f'must be a number in [0, 1) (0: no EMA), got {ema!r}')
         restart = train.get('codebook_restart_every')
         _expect(restart is None or (_is_int(restart) and restart > 0),
                 opt_path, 'train:codebook_restart_every', f'must be a positive integer (or absent), got {restart!r}')
@@ -362,6 +368,7 @@ def apply_force_yml(opt, entries, opt_path='--force_yml'):
 def build_arg_parser(is_train):
     parser = argparse.ArgumentParser(description=('Train' if is_train else 'Test') + ' a vqir model from an options YAML.')
     parser.add_argument('-opt', type=str, required=True, help='Path to the option YAML file.')
+    parser.add_argument('--version', action='version', version=f'%(prog)s (vqir {__version__})')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none', help='job launcher')
     # accepted by test.py as well, as basicsr's parser does, but only training uses them
     parser.add_argument('--auto_resume', action='store_true',
@@ -374,7 +381,8 @@ def build_arg_parser(is_train):
     parser.add_argument('--force_yml', nargs='+', default=None, help=f'override options, e.g. {example}')
     if not is_train:
         parser.add_argument('--tile', type=int, default=None, help='tile size in HR pixels (0 = never tile)')
-        parser.add_argument('--tile_overlap', type=int, default=None, help='overlap between tiles in HR pixels')
+        parser.add_argument('--tile_overlap', '--tile-overlap', type=int, default=None,
+                            help='overlap between tiles in HR pixels')
     return parser
 
 
