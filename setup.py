@@ -26,6 +26,7 @@ setup(
     packages=find_packages(include=('vqir', 'vqir.*')),
     python_requires='>=3.9',
     install_requires=get_requirements(),
+    extras_require={'wandb': ['wandb']},  # logger.wandb (optional, like BasicSR's)
     entry_points={'console_scripts': ['vqir-rescale=vqir.rescale:main']},
     license='Apache License 2.0',
     zip_safe=False,

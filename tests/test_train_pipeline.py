@@ -211,3 +211,119 @@ def test_test_pipeline_writes_reconstructions_and_metrics(trained, val_dir, tmp_
     # the test loop and the training run's validation saw the same network on the same images
     trained_metrics = read_csv(osp.join(trained, 'experiments', NAME, 'visualization', 'metrics_demo_val_6.csv'))
     assert [r['psnr'] for r in metrics] == [r['psnr'] for r in trained_metrics]
+
+
+def test_experiments_and_results_roots_are_honoured(tmp_path, data_dirs, trained, val_dir):
+    """path:experiments_root / path:results_root (BasicSR's keys) place a run's folders; auto-resume
+    finds its states there. Relative to the root, like the default experiments/<name>."""
+    root = str(tmp_path / 'root')
+    common = ['train:total_iter=2', 'logger:save_checkpoint_freq=2', 'val=~', 'path:experiments_root=runs/a']
+    train_pipeline(root, argv=train_argv(data_dirs, *common))
+    exp = osp.join(root, 'runs', 'a')
+    assert sorted(os.listdir(osp.join(exp, 'models'))) == ['net_d_2.pth', 'net_d_latest.pth', 'net_g_2.pth',
+                                                           'net_g_latest.pth']
+    assert os.listdir(osp.join(exp, 'training_states')) == ['2.state'] and not osp.exists(osp.join(root, 'experiments'))
+    model = train_pipeline(root, argv=train_argv(data_dirs, *common[1:], 'train:total_iter=4', extra=['--auto_resume']))
+    assert model.opt['path']['resume_state'] == osp.join(exp, 'training_states', '2.state')
+
+    results = str(tmp_path / 'elsewhere' / 'results')  # absolute
+    weights = osp.join(trained, 'experiments', NAME, 'models', 'net_g_6.pth')
+    run_test_pipeline(root, argv=['-opt', TEST_YML, '--force_yml', f'datasets:test_1:dataroot_gt={val_dir}',
+                                  f'path:pretrain_network_g={weights}', f'path:results_root={results}'])
+    assert osp.isfile(osp.join(results, 'metrics_demo_val.csv')) and not osp.exists(osp.join(root, 'results'))
+
+
+@pytest.mark.parametrize('key, message', [
+    ('models', 'is set from path:experiments_root (training) or path:results_root (testing); set that instead'),
+    ('results_root', 'is read only by test.py; this training run would ignore it'),
+])
+def test_path_keys_that_a_run_cannot_honour_are_refused(tmp_path, data_dirs, key, message):
+    with pytest.raises(OptionsError, match=re.escape(f'{TRAIN_YML}: option path:{key} {message}')):
+        train_pipeline(str(tmp_path / 'root'), argv=train_argv(data_dirs, f'path:{key}=somewhere'))
+    assert not osp.exists(tmp_path / 'root')
+
+
+def test_best_metric_values_are_logged_and_survive_a_resume(tmp_path, data_dirs):
+    root = str(tmp_path / 'root')
+    common = ['logger:save_checkpoint_freq=3', 'val:val_freq=3', 'train:vqgan_loss_opt:disc_start=100',
+              'val:metrics:colour={type: calculate_ciede2000, output: rec, target: gt, better: lower}']
+    train_pipeline(root, argv=train_argv(data_dirs, 'train:total_iter=3', *common))
+    model = train_pipeline(root, argv=train_argv(data_dirs, 'train:total_iter=6', *common, extra=['--auto_resume']))
+    exp = osp.join(root, 'experiments', NAME)
+    means = {it: read_csv(osp.join(exp, 'visualization', f'metrics_demo_val_{it}.csv'))[-1] for it in (3, 6)}
+    state = torch.load(osp.join(exp, 'training_states', '6.state'), weights_only=False)
+    for metric, pick in (('psnr', max), ('colour', min)):
+        best_iter = pick((3, 6), key=lambda it: float(means[it][metric]))
+        best = state['best_metrics'][f'demo_val/{metric}']
+        assert best['iter'] == best_iter and f'{best["value"]:.4f}' == means[best_iter][metric], (metric, best)
+        assert model.best_metrics[f'demo_val/{metric}'] == best
+    log = read_text(glob.glob(osp.join(exp, f'train_{NAME}_*.log'))[-1])
+    assert 'Best demo_val/colour (lower is better): ' in log and 'Best demo_val/psnr (higher is better): ' in log
+    with pytest.raises(OptionsError, match=r"option val:metrics:colour:better must be 'higher' \(default\) or 'lower'"):
+        train_pipeline(str(tmp_path / 'other'), argv=train_argv(
+            data_dirs, 'val:metrics:colour={type: calculate_ciede2000, output: rec, target: gt, better: less}'))
+
+
+class _FakeWandb:
+    """The part of the wandb module a run uses: init(...) -> run with id, log(), finish()."""
+
+    def __init__(self):
+        self.inits, self.logged = [], []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            id = kwargs['id'] or 'run-one'  # W&B makes one up for a new run
+
+            def log(self, values, step):
+                fake.logged.append((step, values))
+
+            def finish(self):
+                fake.logged.append(('finished', {}))
+
+        return Run()
+
+
+def test_wandb_run_is_started_and_resumed_with_the_same_id(tmp_path, data_dirs, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, 'wandb', fake)
+    monkeypatch.setattr('importlib.util.find_spec', lambda name, *a: object() if name == 'wandb' else None)
+    root = str(tmp_path / 'root')
+    common = ['logger:use_tb_logger=true', 'logger:wandb={project: vqir-tests}', 'logger:print_freq=1',
+              'logger:save_checkpoint_freq=2', 'val=~']
+    train_pipeline(root, argv=train_argv(data_dirs, 'train:total_iter=2', *common))
+    train_pipeline(root, argv=train_argv(data_dirs, 'train:total_iter=3', *common, extra=['--auto_resume']))
+    first, second = fake.inits
+    assert (first['id'], first['resume'], second['id'], second['resume']) == (None, 'never', 'run-one', 'allow')
+    assert first['project'] == 'vqir-tests' and first['name'] == NAME
+    assert first['dir'] == osp.join(root, 'experiments', NAME)
+    steps = [step for step, values in fake.logged if 'losses/l_rec' in values]
+    assert steps == [1, 2, 3] and fake.logged[-1][0] == 'finished'
+    state = torch.load(osp.join(root, 'experiments', NAME, 'training_states', '2.state'), weights_only=False)
+    assert state['wandb_id'] == 'run-one'
+
+
+def test_wandb_needs_tensorboard_logging_and_the_package(tmp_path, data_dirs, monkeypatch):
+    with pytest.raises(OptionsError, match='option logger:wandb:project needs logger:use_tb_logger: true'):
+        train_pipeline(str(tmp_path / 'root'), argv=train_argv(data_dirs, 'logger:wandb={project: p}'))
+    monkeypatch.setattr('importlib.util.find_spec', lambda name, *a: None)
+    with pytest.raises(OptionsError, match=r'the wandb package is not installed \(pip install wandb\)'):
+        train_pipeline(str(tmp_path / 'root'), argv=train_argv(data_dirs, 'logger:use_tb_logger=true',
+                                                               'logger:wandb={project: p}'))
+    assert not osp.exists(tmp_path / 'root')
+
+
+def test_wandb_offline_run_when_installed(tmp_path, data_dirs, monkeypatch):
+    pytest.importorskip('wandb')
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    root = str(tmp_path / 'root')
+    common = ['logger:use_tb_logger=true', 'logger:wandb={project: vqir-tests}', 'logger:save_checkpoint_freq=2',
+              'val=~']
+    train_pipeline(root, argv=train_argv(data_dirs, 'train:total_iter=2', *common))
+    train_pipeline(root, argv=train_argv(data_dirs, 'train:total_iter=3', *common, extra=['--auto_resume']))
+    run_id = torch.load(osp.join(root, 'experiments', NAME, 'training_states', '2.state'), weights_only=False)['wandb_id']
+    runs = glob.glob(osp.join(root, 'experiments', NAME, 'wandb', 'offline-run-*'))
+    assert len(runs) == 2 and all(r.endswith(f'-{run_id}') for r in runs)  # both sessions: one run id

@@ -31,6 +31,7 @@ from vqir.utils.checkpoint import CheckpointError, load_checkpoint
 from vqir.utils.entry_point import run_pipeline
 from vqir.utils.options import OptionsError, check_weight_files, copy_opt_file, dict2str, parse_options
 from vqir.utils.run_logger import init_run_logger
+from vqir.utils.wandb_run import ScalarLoggers, init_wandb_run
 
 
 class ResumableSampler(EnlargedSampler):
@@ -55,7 +56,7 @@ class ResumableSampler(EnlargedSampler):
 def find_resume_state(opt):
     """Path of the newest training state under the experiment folder, or the configured one."""
     if opt['auto_resume']:
-        state_dir = osp.join(opt['root_path'], 'experiments', opt['name'], 'training_states')
+        state_dir = opt['path']['training_states']
         if osp.isdir(state_dir):
             iters = []
             for name in scandir(state_dir, suffix='.state'):
@@ -77,7 +78,7 @@ def load_resume_state(opt):
         raise CheckpointError(f'{path}: not a vqir training state')
     opt['path']['resume_state'] = path
     # Networks are restored from the checkpoints written with this state (before it, so they exist).
-    models_dir = osp.join(opt['root_path'], 'experiments', opt['name'], 'models')
+    models_dir = opt['path']['models']
     ignored = opt['path'].get('ignore_resume_networks') or []
     for label in state.get('networks', []):
         name = label[len('net_'):] if label.startswith('net_') else label
@@ -214,9 +215,13 @@ def train_pipeline(root_path, argv=None):
     logger.info(get_env_info())
     logger.info(dict2str(opt))
     tb_logger = init_tb_logger_if_asked(opt)
+    wandb_run = init_wandb_run(opt, resume_state)
+    if wandb_run is not None:
+        tb_logger = ScalarLoggers(tb_logger, wandb_run)
 
     train_loader, train_sampler, val_loaders, iters_per_epoch, total_iters = create_train_val_dataloaders(opt, logger, datasets)
     model = build_model(opt)
+    model.wandb_id = wandb_run.id if wandb_run is not None else (resume_state or {}).get('wandb_id')
     current_iter = 0
     if resume_state:
         model.resume_training(resume_state)
@@ -274,12 +279,13 @@ def train_pipeline(root_path, argv=None):
                     log_vars.update(log)
                     msg_logger(log_vars)
                     loss_csv(dict(iter=current_iter, **log))
-                if current_iter % opt['logger']['save_checkpoint_freq'] == 0:
-                    logger.info('Saving models and training states.')
-                    model.save(epoch, current_iter)
+                # validation first: the state saved at this iteration then holds its best metric values
                 if val_opt is not None and val_loaders and current_iter % val_opt['val_freq'] == 0:
                     for val_loader in val_loaders:
                         model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
+                if current_iter % opt['logger']['save_checkpoint_freq'] == 0:
+                    logger.info('Saving models and training states.')
+                    model.save(epoch, current_iter)
                 data_timer.start()
                 iter_timer.start()
                 train_data = prefetcher.next()

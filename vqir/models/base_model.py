@@ -83,6 +83,8 @@ class VQIRBaseModel(BaseModel):
         self.log_dict = OrderedDict()
         self.saved_networks = OrderedDict()  # label -> network, written by save()
         self.ema = None  # ModelEMA of net_g with train.ema_decay: saved as params_ema in net_g's file
+        self.best_metrics = OrderedDict()  # '<val set>/<metric>' -> {'value', 'iter'}; in the training state
+        self.wandb_id = None  # id of the run's W&B run (logger.wandb), kept in the training state
         self.output = {}
         self._bad_steps = 0
         self.autocast_dtype = self._mixed_precision_dtype()
@@ -234,7 +236,10 @@ class VQIRBaseModel(BaseModel):
             'rng': get_rng_state(),
             'networks': list(self.saved_networks),
             'grad_scalers': OrderedDict((name, scaler.state_dict()) for name, scaler in self.grad_scalers.items()),
+            'best_metrics': {k: dict(v) for k, v in self.best_metrics.items()},
         }
+        if self.wandb_id is not None:
+            state['wandb_id'] = self.wandb_id
         state.update(extra or {})
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
@@ -248,6 +253,7 @@ class VQIRBaseModel(BaseModel):
             scheduler.load_state_dict(state)
         if 'rng' in resume_state:
             set_rng_state(resume_state['rng'])
+        self.best_metrics = OrderedDict((k, dict(v)) for k, v in (resume_state.get('best_metrics') or {}).items())
         self.resume_extra_training_state(resume_state)
         for name, state in (resume_state.get('grad_scalers') or {}).items():
             scaler = self.grad_scaler(name)
@@ -440,6 +446,22 @@ class VQIRBaseModel(BaseModel):
             kept[name] = opt_
         return kept
 
+    def _update_best_metrics(self, dataset_name, means, current_iter, logger):
+        """Keep and log the best mean of every ``val:metrics`` entry (``better: higher`` by default,
+        or ``lower``) and the iteration that reached it, as basicsr does."""
+        metric_opts = (self.opt.get('val') or {}).get('metrics') or {}
+        for name, metric_opt in metric_opts.items():
+            value = means.get(name)
+            if value is None or not math.isfinite(value):
+                continue
+            key = f'{dataset_name}/{name}'
+            best = self.best_metrics.get(key)
+            lower = metric_opt.get('better', 'higher') == 'lower'
+            if best is None or (value < best['value'] if lower else value > best['value']):
+                best = self.best_metrics[key] = {'value': value, 'iter': current_iter}
+            logger.info(f'Best {key} ({"lower" if lower else "higher"} is better): {best["value"]:.4f} '
+                        f'@ iter {best["iter"]}')
+
     def _summarise_metrics(self, rows, set_metrics, dataset_name, current_iter, tb_logger):
         image_columns = [c for c in (rows[0].keys() if rows else []) if c != 'image']
         means = OrderedDict((c, float(np.mean([r[c] for r in rows if c in r]))) for c in image_columns)
@@ -466,6 +488,8 @@ class VQIRBaseModel(BaseModel):
         logger = get_root_logger()
         logger.info(format_metrics_table(image_rows, columns, means, title=f'{dataset_name} @ {current_iter}'))
         logger.info(f'metrics written to {csv_path}')
+        if self.opt['is_train']:
+            self._update_best_metrics(dataset_name, means, current_iter, logger)
         if tb_logger is not None:
             for c, v in means.items():
                 if math.isfinite(v):

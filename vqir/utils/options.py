@@ -13,6 +13,7 @@ Differences from ``basicsr.utils.options.parse_options`` (which we otherwise fol
 """
 import argparse
 import difflib
+import importlib.util
 import inspect
 import os
 import random
@@ -40,9 +41,11 @@ KNOWN_TOP_LEVEL_KEYS = {
     'inference', 'ir_scale', 'stage',
 }
 KNOWN_PATH_KEYS_PREFIXES = ('pretrain_network_', 'strict_load_', 'param_key_')
-KNOWN_PATH_KEYS = {'resume_state', 'root', 'ignore_resume_networks', 'results_root', 'experiments_root',
-                   'models', 'training_states', 'log', 'visualization'}
+KNOWN_PATH_KEYS = {'resume_state', 'root', 'ignore_resume_networks', 'results_root', 'experiments_root'}
+# set from experiments_root (training) or results_root (testing), never read from the file
+DERIVED_PATH_KEYS = ('models', 'training_states', 'log', 'visualization')
 KNOWN_LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb', 'pbar'}
+KNOWN_WANDB_KEYS = ('project', 'entity', 'resume_id')
 KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images'}
 # train: besides these, optimisers (optim_*) and losses (*_opt)
 KNOWN_TRAIN_KEYS = {'total_iter', 'warmup_iter', 'scheduler', 'max_bad_steps', 'grad_clip_norm',
@@ -136,13 +139,23 @@ def check_options(opt, opt_path, is_train):
     path = opt.setdefault('path', OrderedDict())
     _expect(isinstance(path, dict), opt_path, 'path', 'must be a mapping')
     for key in path:
+        _expect(key not in DERIVED_PATH_KEYS, opt_path, f'path:{key}',
+                'is set from path:experiments_root (training) or path:results_root (testing); set that instead')
         _expect(key in KNOWN_PATH_KEYS or key.startswith(KNOWN_PATH_KEYS_PREFIXES), opt_path, f'path:{key}',
                 'is not a known path key')
+    wrong_root = 'results_root' if is_train else 'experiments_root'
+    _expect(wrong_root not in path, opt_path, f'path:{wrong_root}',
+            f'is read only by {"test.py" if is_train else "train.py"}; this {"training" if is_train else "test"} '
+            'run would ignore it')
+    for key in ('experiments_root', 'results_root', 'root'):
+        _expect(path.get(key) is None or isinstance(path[key], str), opt_path, f'path:{key}',
+                f'must be a folder name, got {path.get(key)!r}')
     for section, known in (('logger', KNOWN_LOGGER_KEYS), ('val', KNOWN_VAL_KEYS)):
         if opt.get(section) is not None:
             _expect(isinstance(opt[section], dict), opt_path, section, 'must be a mapping')
             for key in opt[section]:
                 _expect(key in known, opt_path, f'{section}:{key}', f'is not a known {section} key ({", ".join(sorted(known))})')
+    _check_wandb((opt.get('logger') or {}).get('wandb'), (opt.get('logger') or {}).get('use_tb_logger'), opt_path)
     if is_train:
         train = opt.get('train')
         _expect(isinstance(train, dict), opt_path, 'train', 'is required for training')
@@ -278,6 +291,22 @@ def check_inference_options(opt, opt_path):
             'inference:half', 'needs a CUDA device (fp16 autocast); on a CPU use bf16')
 
 
+def _check_wandb(wandb_opt, use_tb_logger, opt_path):
+    """``logger:wandb``: {project, entity, resume_id}; with a project, TensorBoard logging (what W&B
+    receives) and the wandb package are needed (see :mod:`vqir.utils.wandb_run`)."""
+    if wandb_opt is None:
+        return
+    _expect(isinstance(wandb_opt, dict), opt_path, 'logger:wandb', 'must be a mapping (project, entity, resume_id)')
+    for key in wandb_opt:
+        _expect(key in KNOWN_WANDB_KEYS, opt_path, f'logger:wandb:{key}',
+                f'is not a known key ({", ".join(KNOWN_WANDB_KEYS)})')
+    if wandb_opt.get('project'):
+        _expect(bool(use_tb_logger), opt_path, 'logger:wandb:project',
+                'needs logger:use_tb_logger: true (W&B logs what TensorBoard logs)')
+        _expect(importlib.util.find_spec('wandb') is not None, opt_path, 'logger:wandb:project',
+                'the wandb package is not installed (pip install wandb)')
+
+
 def _check_metrics(val, opt_path, model_type, image_names):
     """``val:metrics``: each a registered metric with arguments it accepts and an ``output`` and a
     ``target`` among the model's ``image_names`` (when known); ``val:outputs`` a list of those names.
@@ -296,6 +325,8 @@ def _check_metrics(val, opt_path, model_type, image_names):
                     f'is required: the name of the {role} image'
                     + (f' ({", ".join(image_names)})' if image_names else ''))
             _check_image_name(block[role], image_names, opt_path, f'{key}:{role}', model_type)
+        _expect(block.get('better', 'higher') in ('higher', 'lower'), opt_path, f'{key}:better',
+                f"must be 'higher' (default) or 'lower', got {block.get('better')!r}")
         arguments = {k: v for k, v in block.items() if k not in METRIC_ROUTING_KEYS}
         _check_arguments(metric, arguments, opt_path, key, img=None, img2=None)  # as calculate_metric calls it
     outputs = val.get('outputs')
@@ -441,7 +472,7 @@ def parse_options(root_path, is_train=True, argv=None):
             opt['path'][key] = _resolve(val, root_path)
 
     if is_train:
-        experiments_root = osp.join(root_path, 'experiments', opt['name'])
+        experiments_root = _output_root(opt['path'].get('experiments_root'), root_path, 'experiments', opt['name'])
         opt['path'].update(experiments_root=experiments_root,
                            models=osp.join(experiments_root, 'models'),
                            training_states=osp.join(experiments_root, 'training_states'),
@@ -453,10 +484,18 @@ def parse_options(root_path, is_train=True, argv=None):
             opt['logger']['print_freq'] = 1
             opt['logger']['save_checkpoint_freq'] = 8
     else:
-        results_root = osp.join(root_path, 'results', opt['name'])
+        results_root = _output_root(opt['path'].get('results_root'), root_path, 'results', opt['name'])
         opt['path'].update(results_root=results_root, log=results_root,
                            visualization=osp.join(results_root, 'visualization'))
     return opt, args
+
+
+def _output_root(configured, root_path, default_folder, name):
+    """Where a run writes: ``path:experiments_root`` / ``path:results_root`` when the file sets it
+    (relative to the root, as BasicSR's), else ``<root>/<experiments|results>/<name>``."""
+    if configured:
+        return osp.join(root_path, osp.expanduser(configured))  # an absolute path stays as it is
+    return osp.join(root_path, default_folder, name)
 
 
 def _resolve(path, root_path):
