@@ -21,21 +21,21 @@ import os
 import re
 import sys
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(SCRIPTS)
+for folder in (ROOT, SCRIPTS):  # the package, and convert_taming_ckpt beside this file
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 import torch  # noqa: E402
 
 import vqir  # noqa: E402,F401  (registers the architectures)
 from vqir.archs.vqgan_arch import VQGAN  # noqa: E402
-from vqir.inference import official_network_options  # noqa: E402
+from vqir.inference import official_network_options, vqir_stage_and_scale  # noqa: E402
 from vqir.utils.checkpoint import CheckpointError, load_checkpoint, load_state_dict  # noqa: E402
 
-# taming's vqgan_imagenet_f16_1024, the paper's prior
-TAMING_F16_1024 = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, n_embed=1024,
-                       embed_dim=256, attn_resolutions=[16], resolution=256)
-VQGAN_PREFIXES = ('encoder.', 'decoder.', 'quantize.', 'quant_conv.', 'post_quant_conv.')
+from convert_taming_ckpt import F16_1024 as TAMING_F16_1024, VQGAN_PREFIXES  # noqa: E402  (taming's f16 layout)
+
 TRAINING_ONLY_PREFIX = 'loss.'
 
 
@@ -110,8 +110,7 @@ def check(path, kind=None, scale=None):
         raise WeightsError(f'{path}: a VQIR network (icrm.* entries), not a VQGAN alone')
 
     if is_vqir:
-        file_scale = 32 if any(k.startswith('icrm.') and k.endswith('haar_weights') for k in tensors) else 16
-        stage = 2 if any(k.startswith('refine.') for k in tensors) else 1
+        stage, file_scale = vqir_stage_and_scale(tensors)
         if scale is not None and scale != file_scale:
             raise WeightsError(f'{path}: a {file_scale}x network, expected {scale}x')
         compare(path, tensors, expected_shapes(official_network_options(file_scale, stage)),

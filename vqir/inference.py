@@ -67,7 +67,7 @@ from vqir.utils.checkpoint import CheckpointError, load_state_dict, load_weights
 from vqir.utils.errors import InputError
 
 __all__ = [
-    'Rescaler', 'NetworkOptionsError', 'official_network_options', 'inspect_vqir_weights', 'DEFAULT_AUTO_TILE_PIXELS',
+    'Rescaler', 'NetworkOptionsError', 'official_network_options', 'inspect_vqir_weights', 'vqir_stage_and_scale', 'DEFAULT_AUTO_TILE_PIXELS',
     'INFERENCE_KEYS'
 ]
 
@@ -128,6 +128,11 @@ def inspect_vqir_weights(path):
         if any(k.startswith('encoder.') for k in keys):
             raise CheckpointError(f'{path}: no icrm.* entries: a VQGAN checkpoint, not a VQIR network')
         raise CheckpointError(f'{path}: no icrm.* entries: not a VQIR checkpoint')
+    return vqir_stage_and_scale(keys)
+
+
+def vqir_stage_and_scale(keys):
+    """(stage, ir_scale) of the entry names of a VQIR network (``icrm.*`` present)."""
     ir_scale = 32 if any(k.startswith('icrm.') and k.endswith('haar_weights') for k in keys) else 16
     stage = 2 if any(k.startswith('refine.') for k in keys) else 1
     return stage, ir_scale
