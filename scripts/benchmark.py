@@ -142,6 +142,7 @@ import vqir  # noqa: E402,F401  (registers the architectures and losses)
 from vqir.archs.vqir_arch import VQIR  # noqa: E402
 from vqir.inference import DEFAULT_AUTO_TILE_PIXELS, DEFAULT_TILE_OVERLAP, Rescaler, official_network_options  # noqa: E402
 from vqir.utils.allocator import keep_freed_memory, transparent_huge_page_mode  # noqa: E402
+from vqir.utils.atomic_file import atomic_write_bytes  # noqa: E402
 
 DEFAULT_SIZES = '256,512,1024,2040x1356'
 QUICK_SIZES = '256,512'
@@ -1491,11 +1492,7 @@ def default_json_path(device_label):
 
 
 def write_json(path, payload):
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(payload, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(payload, indent=1, default=str).encode('utf-8'))
 
 
 # ================================================================================ command line

@@ -4,22 +4,27 @@
     python scripts/create_lmdb.py --input datasets/DIV2K/DIV2K_train_HR_sub \\
         --output datasets/DIV2K/DIV2K_train_HR_sub.lmdb
 
-Each image is stored PNG-encoded (bit depth and channels kept) under the key "its path relative
-to --input, without extension"; <output>/meta_info.txt lists "<key>.png (h,w,c) <compression>"
-per image, which is where the datasets (`io_backend: {type: lmdb}`) find the keys. Built on
-basicsr.utils.lmdb_util.make_lmdb_from_imgs.
+Each image is read as everything in the project reads images (``vqir.utils.image_io``: EXIF
+orientation applied, broken files refused with their name) and stored PNG-encoded (bit depth, grey
+and alpha kept) under the key "its path relative to --input, without extension";
+<output>/meta_info.txt lists "<key>.png (h,w,c) <compression>" per image, which is where the
+datasets (`io_backend: {type: lmdb}`) find the keys: the layout of basicsr's
+``make_lmdb_from_imgs``, whose own reader (``cv2.imread``) would ignore the orientation. The
+database is built under a temporary name and renamed when complete, so a failed run leaves nothing.
 """
 import argparse
 import os
+import shutil
 import sys
 from collections import Counter
+from multiprocessing import Pool
 from os import path as osp
 
+import lmdb
 from PIL import Image
+from tqdm import tqdm
 
-import vqir  # noqa: F401  (must precede basicsr: it installs the torchvision shim basicsr needs)
-from basicsr.utils.lmdb_util import make_lmdb_from_imgs
-from vqir.data.transforms import list_image_files
+from vqir.utils.image_io import ImageReadError, encode_image, list_image_files, read_image
 
 # Bytes per pixel of the largest image type handled (RGBA, 16 bit): an upper bound of an image's
 # PNG size, used to size the lmdb map (address space only; the file grows with its content).
@@ -59,7 +64,7 @@ def parse_args(argv):
     parser.add_argument('--compress-level', type=int, default=1, help='PNG compression 0-9 (default 1)')
     parser.add_argument('--batch', type=int, default=5000, help='images per lmdb transaction (default 5000)')
     parser.add_argument('--n-thread', type=int, default=1,
-                        help='>1: read all images into memory first with this many processes')
+                        help='processes that read and encode the images (default 1)')
     args = parser.parse_args(argv)
     args.output = args.output.rstrip('/')
     if not args.output.endswith('.lmdb'):
@@ -79,18 +84,43 @@ def parse_args(argv):
     return args
 
 
+def encode_one(job):
+    """(path, key, compress level) -> (key, PNG bytes, (h, w, c)); raises ImageReadError naming the file."""
+    path, key, compress_level = job
+    img, info = read_image(path)
+    png = encode_image(f'{key}.png', img, info=info, bit_depth=info.bit_depth, png_compression=compress_level)
+    channels = {'gray': 1, 'rgb': 3, 'rgba': 4}[info.mode]
+    return key, png, img.shape[:2] + (channels, )
+
+
 def main(argv=None):
     args = parse_args(argv)
-    make_lmdb_from_imgs(
-        args.input,
-        args.output,
-        args.images,
-        args.keys,
-        batch=args.batch,
-        compress_level=args.compress_level,
-        multiprocessing_read=args.n_thread > 1,
-        n_thread=args.n_thread,
-        map_size=args.map_size)
+    jobs = [(osp.join(args.input, path), key, args.compress_level) for path, key in zip(args.images, args.keys)]
+    tmp_output = f'{args.output}.tmp{os.getpid()}'
+    pool = Pool(args.n_thread) if args.n_thread > 1 else None
+    try:
+        env = lmdb.open(tmp_output, map_size=args.map_size)
+        txn = env.begin(write=True)
+        meta = []
+        encoded = pool.imap(encode_one, jobs, chunksize=8) if pool else map(encode_one, jobs)
+        for index, (key, png, (h, w, c)) in enumerate(tqdm(encoded, total=len(jobs), unit='image', desc='Pack')):
+            txn.put(key.encode('ascii'), png)
+            meta.append(f'{key}.png ({h},{w},{c}) {args.compress_level}\n')
+            if (index + 1) % args.batch == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+        txn.commit()
+        env.close()
+        with open(osp.join(tmp_output, 'meta_info.txt'), 'w', encoding='ascii') as f:
+            f.writelines(meta)
+        os.rename(tmp_output, args.output)
+    except ImageReadError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 1
+    finally:
+        if pool is not None:
+            pool.terminate()
+        shutil.rmtree(tmp_output, ignore_errors=True)
     print(f'{len(args.keys)} images in {args.output} (keys in {osp.join(args.output, "meta_info.txt")})')
     return 0
 

@@ -36,6 +36,7 @@ from vqir.metrics.ciede2000_metric import calculate_ciede2000
 from vqir.models.vqgan_model import pad_to_multiple
 from vqir.utils.atomic_file import atomic_write, atomic_write_bytes
 from vqir.utils.checkpoint import load_weights
+from vqir.utils.image_io import read_image
 from vqir.utils.options import load_options_file
 
 SYNTHETIC = ('colorwheel', )  # charts reported on their own rows, outside the mean
@@ -61,10 +62,9 @@ def bicubic_rescale(hr_bgr, scale):
 
 
 def _read(path):
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise FileNotFoundError(f'{path}: missing or unreadable image')
-    return img
+    """An 8-bit image the demo wrote, as uint8 (H, W, 3) BGR (the report's arrays)."""
+    rgb, _ = read_image(path)
+    return np.round(rgb[:, :, ::-1] * 255).astype(np.uint8)
 
 
 def _to_uint8_bgr(tensor):

@@ -24,8 +24,11 @@ import cv2
 import numpy as np
 from skimage import data as skdata
 
+from vqir.utils.atomic_file import atomic_write_bytes
+from vqir.utils.image_io import encode_image
+
 MAX_SIDE = 512
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+PNG_COMPRESSION = 3
 # Columns of the 741-pixel-wide motorcycle views. A scene point at column x in the left view is
 # at x - d in the right view, with disparity d between 7 and 60 pixels here; so right-view columns
 # >= 400 show scene points at left-view columns >= 407, well clear of the train crop (< 352).
@@ -73,10 +76,8 @@ def demo_images():
 
 
 def encode_png(img_rgb):
-    ok, buffer = cv2.imencode('.png', cv2.cvtColor(img_rgb, cv2.COLOR_RGB2BGR), PNG_PARAMS)
-    if not ok:
-        raise RuntimeError('PNG encoding failed')
-    return buffer.tobytes()
+    """uint8 RGB -> the bytes of a PNG file (pixels exact; the compression level fixes the bytes)."""
+    return encode_image('image.png', img_rgb.astype(np.float32) / 255., png_compression=PNG_COMPRESSION)
 
 
 def write_if_changed(path, content):
@@ -88,10 +89,7 @@ def write_if_changed(path, content):
         status = 'updated'
     else:
         status = 'written'
-    tmp_path = f'{path}.tmp{os.getpid()}'
-    with open(tmp_path, 'wb') as f:
-        f.write(content)
-    os.replace(tmp_path, path)
+    atomic_write_bytes(path, content)
     return status
 
 

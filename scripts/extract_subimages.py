@@ -8,8 +8,9 @@ Windows of --crop-size pixels are taken every --step pixels along each axis (bas
 recipe: 480 and 240). Where the last window leaves more than --thresh-size pixels uncovered at
 the bottom or right, one more window flush with that border is added (threshold 0: the border is
 always covered). Sub-image i (row-major, from 1) of `0001.png` is written as `0001_s00i.png`,
-in the sub-folder the image was in. Images keep their bit depth and channels and are written as
-PNG (lossless). Images smaller than the crop size are skipped and reported.
+in the sub-folder the image was in. Images are read as everything in the project reads them
+(``vqir.utils.image_io``: EXIF orientation applied) and keep their bit depth, grey or alpha; they
+are written as PNG (lossless), each atomically. Images smaller than the crop size are skipped and reported.
 """
 import argparse
 import os
@@ -17,11 +18,9 @@ import sys
 from multiprocessing import Pool
 from os import path as osp
 
-import cv2
-import numpy as np
 from tqdm import tqdm
 
-from vqir.data.transforms import decode_image, list_image_files
+from vqir.utils.image_io import ImageReadError, list_image_files, read_image, write_image
 
 
 def window_starts(length, crop_size, step, thresh_size):
@@ -37,13 +36,12 @@ def extract_one(job):
     rel_path, args = job
     src = osp.join(args.input, rel_path)
     try:
-        with open(src, 'rb') as f:
-            img = decode_image(f.read(), src)
-    except (OSError, ValueError) as error:
-        return rel_path, 0, str(error), True
+        img, info = read_image(src)
+    except ImageReadError as error:
+        return rel_path, 0, f'error: {error}', True
     height, width = img.shape[:2]
     if height < args.crop_size or width < args.crop_size:
-        return rel_path, 0, f'skipped: {height}x{width} is smaller than the crop size {args.crop_size}', False
+        return rel_path, 0, f'{src}: skipped, {height}x{width} is smaller than the crop size {args.crop_size}', False
 
     stem = osp.splitext(rel_path)[0]
     os.makedirs(osp.dirname(osp.join(args.output, stem)), exist_ok=True)
@@ -51,10 +49,14 @@ def extract_one(job):
     for top in window_starts(height, args.crop_size, args.step, args.thresh_size):
         for left in window_starts(width, args.crop_size, args.step, args.thresh_size):
             index += 1
-            sub = np.ascontiguousarray(img[top:top + args.crop_size, left:left + args.crop_size])
+            window = (slice(top, top + args.crop_size), slice(left, left + args.crop_size))
+            alpha = None if info.alpha is None else info.alpha[window]
             dst = osp.join(args.output, f'{stem}_s{index:03d}.png')
-            if not cv2.imwrite(dst, sub, [cv2.IMWRITE_PNG_COMPRESSION, args.compression_level]):
-                return rel_path, index - 1, f'cannot write {dst}', True
+            try:
+                write_image(dst, img[window], info=info, alpha=alpha, bit_depth=info.bit_depth,
+                            png_compression=args.compression_level)
+            except OSError as error:
+                return rel_path, index - 1, f'error: {dst}: cannot be written ({error.strerror or error})', True
     return rel_path, index, None, False
 
 
@@ -100,7 +102,7 @@ def main(argv=None):
             total += count
             failures += failed
             if message:
-                messages.append(f'{rel_path}: {message}')
+                messages.append(message)
             pbar.update(1)
         if pool is not None:
             pool.close()

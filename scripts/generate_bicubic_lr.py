@@ -15,8 +15,9 @@ compute on the fly (and what the model sees, since it pads the same way). With -
 is instead cropped to a multiple (bottom rows and right columns removed), as the reference does;
 such LR files pair with datasets that set `mod_crop: true`.
 
-Output: PNG, 3 channels (grayscale replicated, alpha dropped), 16 bit for 16-bit inputs and
-8 bit otherwise.
+HR images are read as everything in the project reads them (``vqir.utils.image_io``: EXIF
+orientation applied, so the LR matches what the datasets and ``vqir-rescale`` see). Output: PNG,
+3 channels (grayscale replicated, alpha dropped), 16 bit for 16-bit inputs and 8 bit otherwise.
 """
 import argparse
 import os
@@ -25,37 +26,31 @@ from collections import Counter
 from multiprocessing import Pool
 from os import path as osp
 
-import cv2
 from tqdm import tqdm
 
 from vqir.data import transforms
-from vqir.utils.atomic_file import atomic_write_bytes
+from vqir.utils.image_io import ImageReadError, list_image_files, read_image, write_image
 
 
 def downscale_one(job):
-    """Make all LR versions of one HR image; returns (relative path, error message or None)."""
+    """Make all LR versions of one HR image; returns (relative path, error message naming the file, or None)."""
     rel_path, args = job
     src = osp.join(args.input, rel_path)
     try:
-        with open(src, 'rb') as f:
-            raw = transforms.decode_image(f.read(), src)
-        img = transforms.to_float_bgr(raw, src)
-    except (OSError, ValueError) as error:
+        rgb, info = read_image(src)
+    except ImageReadError as error:
         return rel_path, str(error)
-    out_dtype = transforms.bit_depth_dtype(raw)
+    img = rgb  # the resize treats the channels alike, so their order does not matter here
     for scale in args.scales:
         hr = transforms.mod_crop(img, scale) if args.mod_crop else transforms.pad_to_multiple(img, scale)
         if hr.shape[0] == 0 or hr.shape[1] == 0:
-            return rel_path, f'{img.shape[0]}x{img.shape[1]} is smaller than the scale {scale}'
-        lr = transforms.float_to_integer(transforms.bicubic_downscale(hr, scale), out_dtype)
+            return rel_path, f'{src}: {img.shape[0]}x{img.shape[1]} is smaller than the scale {scale}'
+        lr = transforms.bicubic_downscale(hr, scale)
         dst = osp.join(args.output, f'X{scale}', osp.splitext(rel_path)[0] + '.png')
-        ok, encoded = cv2.imencode('.png', lr, [cv2.IMWRITE_PNG_COMPRESSION, args.compression_level])
-        if not ok:
-            return rel_path, f'cannot encode {dst}'
         try:  # atomic: an interrupted run leaves no truncated LR that training would read later
-            atomic_write_bytes(dst, encoded.tobytes())
+            write_image(dst, lr, bit_depth=info.bit_depth, png_compression=args.compression_level)
         except OSError as error:
-            return rel_path, f'cannot write {dst}: {error.strerror or error}'
+            return rel_path, f'{dst}: cannot be written ({error.strerror or error})'
     return rel_path, None
 
 
@@ -81,7 +76,7 @@ def parse_args(argv):
         if osp.isdir(folder) and os.listdir(folder):
             parser.error(f'output folder is not empty: {folder} (remove it first)')
     try:
-        args.images = transforms.list_image_files(args.input)
+        args.images = list_image_files(args.input)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     duplicates = [stem for stem, n in Counter(osp.splitext(p)[0] for p in args.images).items() if n > 1]
@@ -100,7 +95,7 @@ def main(argv=None):
         results = pool.imap_unordered(downscale_one, jobs) if pool else map(downscale_one, jobs)
         for rel_path, error in results:
             if error:
-                failures.append(f'{rel_path}: {error}')
+                failures.append(error)
             pbar.update(1)
         if pool is not None:
             pool.close()

@@ -100,3 +100,31 @@ def changed(before, net):
 def read_csv(path):
     with open(path, newline='', encoding='utf-8') as f:
         return list(csv.DictReader(f))
+
+
+def write_random_metric_weights(torch_home, seed=0):
+    """Random-valued weight files of the field's metric networks, in the official formats and under
+    the official names, in ``torch_home``/hub/checkpoints: torchvision's VGG16 (LPIPS 'vgg', DISTS),
+    DISTS' alpha / beta (summing to 1, as the published ones do) and torch-fidelity's Inception-V3
+    (He-initialised convolutions, so that different images give different features)."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+    from torchvision import models as tv_models
+
+    folder = os.path.join(torch_home, 'hub', 'checkpoints')
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(tv_models.vgg16(weights=None).state_dict(), os.path.join(folder, 'vgg16-397923af.pth'))
+    weights = torch.rand(2, 1, 1475, 1, 1)
+    weights /= weights.sum()
+    torch.save({'alpha': weights[0], 'beta': weights[1]}, os.path.join(folder, 'dists_weights.pt'))
+    # torch-fidelity's constructor always loads weights: build it without, to get its layout
+    with mock.patch.object(inception, 'load_state_dict_from_url', lambda *args, **kwargs: {}), \
+            mock.patch.object(inception.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, state: None):
+        net = inception.FeatureExtractorInceptionV3('inception-v3-compat', ['2048'])
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight)
+    torch.save(net.state_dict(), os.path.join(folder, os.path.basename(inception.URL_INCEPTION_V3)))
+    return folder

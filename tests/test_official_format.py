@@ -18,7 +18,7 @@ from torch import nn
 
 from vqir.inference import official_network_options
 from vqir.test_pipeline import test_pipeline as run_test_pipeline
-from vqir.utils.options import check_options, load_options_file
+from vqir.utils.options import check_options, load_options_file, parse_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'reference', 'official_vqir_keys.json')
@@ -145,7 +145,8 @@ def test_reference_checkpoint_and_conventions(tmp_path, photo_dir, stage, networ
 
 
 OPTION_FILES = sorted(glob.glob(os.path.join(ROOT, 'options', 'train', 'stage[12]_*.yml')) +
-                      glob.glob(os.path.join(ROOT, 'options', 'test', 'test_*.yml')))
+                      glob.glob(os.path.join(ROOT, 'options', 'test', 'test_*.yml')) +
+                      glob.glob(os.path.join(ROOT, 'options', 'test', 'benchmark_*.yml')))
 
 
 @pytest.mark.parametrize('path', OPTION_FILES, ids=os.path.basename)
@@ -168,6 +169,25 @@ def test_official_test_options(scale):
     assert borders == {'Level_1': scale, 'Level_2': scale // 2, 'Level_4': scale // 4, 'LR': 0}
     lpips = [m for m in opt['val']['metrics'].values() if m['type'] == 'calculate_lpips']
     assert lpips and all(m['optional'] for m in lpips)
+
+
+@pytest.mark.parametrize('scale', [16, 32])
+def test_benchmark_options_measure_the_fields_table(scale, tmp_path):
+    """The released model on DIV2K-val, CLIC2020 and LSDIR-val with the paper's protocol and every
+    column of the field's table; a test set can be left out from the command line."""
+    path = os.path.join(ROOT, 'options', 'test', f'benchmark_x{scale}.yml')
+    opt = load_options_file(path)
+    assert dict(opt['network_g']) == official_network_options(scale, stage=2)
+    assert opt['path']['pretrain_network_g'] == f'pretrained/vqir_x{scale}.pth'
+    assert [d['name'] for d in opt['datasets'].values()] == ['DIV2K_val', 'CLIC2020', 'LSDIR_val']
+    assert all(d['mod_crop'] and d['ir_scale'] == scale for d in opt['datasets'].values())
+    types = {m['type'] for m in opt['val']['metrics'].values() if m['output'] == 'Level_1' and m['target'] == 'gt'}
+    assert types == {'calculate_psnr', 'calculate_ssim', 'calculate_lpips', 'calculate_dists', 'calculate_fid',
+                     'calculate_kid'}
+    assert {m['crop_border'] for m in opt['val']['metrics'].values() if m['type'] in ('calculate_psnr', 'calculate_ssim')
+            and m['output'] == 'Level_1'} == {scale}
+    parsed, _ = parse_options(str(tmp_path), is_train=False, argv=['-opt', path, '--force_yml', 'datasets:test_2=~'])
+    assert [d['name'] for d in parsed['datasets'].values()] == ['DIV2K_val', 'LSDIR_val']
 
 
 @pytest.mark.parametrize('stage, scale', [(1, 16), (1, 32), (2, 16), (2, 32)])

@@ -22,3 +22,12 @@ def test_one_opencv_distribution():
     names = _names(_project_requirements()) | _names(importlib.metadata.requires('basicsr') or [])
     opencv = sorted(name for name in names if name.startswith('opencv'))
     assert opencv == ['opencv-python'], opencv
+
+
+def test_field_metric_libraries_stay_light():
+    """DISTS, FID and KID come from libraries that pull in nothing beyond what the project already
+    installs (pyiqa, the alternative, requires transformers, accelerate and more)."""
+    installed = _names(_project_requirements()) | {'pillow', 'numpy', 'torch', 'torchvision', 'tqdm'}
+    for library in ('piq', 'torch-fidelity'):
+        needs = _names(req for req in importlib.metadata.requires(library) or [] if 'extra ==' not in req)
+        assert needs <= installed, (library, sorted(needs - installed))

@@ -1,7 +1,8 @@
 """The test loop: every test set of an options file through the model's validation.
 
-Writes ``results/<name>/<test set>/<output>/<image>.png`` and ``results/<name>/metrics_<test set>.csv``
-(per image and mean), and prints a table of the means of all test sets at the end.
+Writes ``results/<name>/<test set>/<output>/<image>.png``, ``results/<name>/metrics_<test set>.csv``
+(per image and mean; set-level metrics such as FID in the mean row) and ``results/<name>/options.yml``
+(the options as resolved for the run), and prints a table of the means of all test sets at the end.
 """
 from os import path as osp
 
@@ -12,7 +13,7 @@ from basicsr.utils import get_env_info, get_time_str, mkdir_and_rename
 
 from vqir.train_pipeline import build_datasets
 from vqir.utils.entry_point import run_pipeline
-from vqir.utils.options import check_weight_files, dict2str, parse_options
+from vqir.utils.options import check_weight_files, dict2str, parse_options, save_resolved_options
 from vqir.utils.run_logger import init_run_logger
 
 
@@ -24,6 +25,7 @@ def test_pipeline(root_path, argv=None):
     datasets = build_datasets(opt, args.opt)
     if opt['rank'] == 0:
         mkdir_and_rename(opt['path']['results_root'])
+    save_resolved_options(opt, opt['path']['results_root'])
     log_file = osp.join(opt['path']['log'], f"test_{opt['name']}_{get_time_str()}.log")
     logger = init_run_logger(log_file)
     logger.info(get_env_info())

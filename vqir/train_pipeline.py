@@ -10,6 +10,7 @@ messages), and differs where basicsr 1.4.2 breaks or loses work:
 - a tqdm bar (``logger.pbar``) and a CSV of the logged losses for plotting curves.
 """
 import csv
+import io
 import datetime
 import math
 import os
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from vqir.models.base_model import NonFiniteLossError
 from vqir.utils.allocator import keep_freed_memory
+from vqir.utils.atomic_file import atomic_write_bytes
 from vqir.utils.checkpoint import CheckpointError, load_checkpoint
 from vqir.utils.entry_point import run_pipeline
 from vqir.utils.options import OptionsError, check_weight_files, copy_opt_file, dict2str, parse_options
@@ -176,9 +178,9 @@ class LossCSV:
         col = rows[0].index('iter')
         kept = [rows[0]] + [r for r in rows[1:] if len(r) > col and r[col].isdigit() and int(r[col]) <= last_iter]
         if len(kept) < len(rows):
-            with open(self.path + '.tmp', 'w', newline='', encoding='utf-8') as f:
-                csv.writer(f).writerows(kept)
-            os.replace(self.path + '.tmp', self.path)
+            table = io.StringIO(newline='')
+            csv.writer(table).writerows(kept)
+            atomic_write_bytes(self.path, table.getvalue().encode('utf-8'))
 
 
 def remove_interrupted_writes(opt, logger):

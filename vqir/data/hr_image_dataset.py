@@ -13,6 +13,7 @@ from torch.utils import data
 from vqir.data import transforms
 from vqir.data.color_augment import ColorAugment, parse_color_augment
 from vqir.data.dead_leaves import dead_leaves
+from vqir.utils.image_io import ImageReadError, list_image_files
 
 # Keys that basicsr's option parser adds to every dataset's options, or that its dataloader and
 # training loop read from them. A dataset accepts them without using them.
@@ -173,13 +174,13 @@ class HRImageDataset(data.Dataset):
         if self.opt.get('meta_info_file'):
             names = read_meta_info_names(self.opt['meta_info_file'])
         else:
-            names = transforms.list_image_files(self.gt_root)
+            names = list_image_files(self.gt_root)
         gt_paths = [osp.join(self.gt_root, name) for name in names]
         if not self.lq_root:
             return [(path, None) for path in gt_paths]
 
         lq_by_stem = {}
-        for name in transforms.list_image_files(self.lq_root):
+        for name in list_image_files(self.lq_root):
             stem = osp.splitext(name)[0]
             if stem in lq_by_stem:
                 raise ValueError(f'two LR images share the name {stem!r} in {self.lq_root}: '
@@ -220,10 +221,10 @@ class HRImageDataset(data.Dataset):
         try:
             content = self.file_client.get(path, client_key)
         except OSError as error:
-            raise OSError(f'cannot read image file: {name} ({error.strerror or error})') from error
+            raise ImageReadError(f'{name}: cannot be read ({error.strerror or error})') from None
         if content is None:
-            raise KeyError(f'image key not found in lmdb: {name}')
-        return transforms.to_float_bgr(transforms.decode_image(content, name), name)
+            raise ImageReadError(f'{name}: no such key in the LMDB')
+        return transforms.read_bgr(content, name)[0]
 
     # ----------------------------------------------------------------------------------------
     # geometry

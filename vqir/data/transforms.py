@@ -1,107 +1,27 @@
 """Numpy image helpers shared by the datasets and the data-preparation scripts.
 
 Every image handled here is a float32 array of shape (H, W, 3), BGR channel order (OpenCV's),
-values in [0, 1]; the datasets swap to RGB only when they turn arrays into tensors. This module
-has no `_dataset` suffix, so it is not auto-imported: import it where it is needed.
+values in [0, 1]; the datasets swap to RGB only when they turn arrays into tensors. Images are
+read and written by ``vqir.utils.image_io`` (the project's one reader and writer); ``read_bgr``
+hands its result over in this module's channel order. This module has no `_dataset` suffix, so
+it is not auto-imported: import it where it is needed.
 """
-import os
 import random
-from os import path as osp
 
 import cv2
 import numpy as np
 from basicsr.utils.matlab_functions import imresize
 
-IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+from vqir.utils.image_io import decode_image
 
-# Integer dtypes are scaled by their full range, never by the values an image happens to hold
-# (a dark 16-bit image must not be mistaken for an 8-bit one).
-_INTEGER_RANGES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+def read_bgr(content, name):
+    """Encoded image bytes (a file's or an LMDB entry's) -> (float32 (H, W, 3) BGR in [0, 1], ImageInfo).
 
-
-def list_image_files(folder):
-    """Image files below `folder` (recursive), as sorted paths relative to `folder`.
-
-    Hidden files and folders are skipped. Raises FileNotFoundError if `folder` does not exist
-    and ValueError if it holds no image file.
+    Decoded by ``vqir.utils.image_io.decode_image``, as ``vqir-rescale`` decodes: EXIF orientation
+    applied, grey repeated, alpha dropped, 16-bit kept; errors are one line starting with ``name``.
     """
-    if not osp.isdir(folder):
-        raise FileNotFoundError(f'image folder does not exist: {folder}')
-    rel_paths = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        for name in files:
-            if not name.startswith('.') and name.lower().endswith(IMG_EXTENSIONS):
-                rel_paths.append(osp.relpath(osp.join(root, name), folder))
-    if not rel_paths:
-        raise ValueError(f'no image files ({", ".join(IMG_EXTENSIONS)}) found in folder: {folder}')
-    return sorted(rel_paths)
-
-
-def decode_image(content, name):
-    """Decode encoded image bytes (PNG, JPEG, ...) without changing bit depth or channels.
-
-    Returns the raw array as OpenCV gives it: (H, W) or (H, W, C), BGR(A), dtype of the file.
-    `name` (a path or lmdb key) only serves the error message.
-    """
-    if content is None or len(content) == 0:
-        raise ValueError(f'image is empty: {name}')
-    try:
-        img = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error:  # OpenCV asserts on headers beyond CV_IO_MAX_IMAGE_PIXELS (decompression bombs)
-        raise ValueError(f'cannot decode image: its header claims more pixels than OpenCV allows '
-                         f'(possible decompression bomb): {name}') from None
-    if img is None:
-        raise ValueError(f'cannot decode image (corrupt or unsupported format): {name}')
-    return img
-
-
-def to_float_bgr(img, name):
-    """Raw decoded image -> float32 (H, W, 3) BGR in [0, 1].
-
-    Grayscale becomes three equal channels, an alpha channel is dropped, integer images are
-    divided by the maximum of their dtype (255 for 8 bit, 65535 for 16 bit) and float images
-    are clipped to [0, 1].
-    """
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    elif img.ndim == 3 and img.shape[2] == 2:  # gray + alpha
-        img = np.repeat(img[:, :, :1], 3, axis=2)
-    elif img.ndim == 3 and img.shape[2] == 4:  # BGRA
-        img = img[:, :, :3]
-    elif img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f'unsupported image shape {img.shape}: {name}')
-
-    if img.dtype in _INTEGER_RANGES:
-        img = img.astype(np.float32) / np.float32(_INTEGER_RANGES[img.dtype])
-    elif np.issubdtype(img.dtype, np.floating):
-        img = np.clip(img.astype(np.float32), 0.0, 1.0)
-    else:
-        raise ValueError(f'unsupported image dtype {img.dtype} (expected uint8, uint16 or float): {name}')
-    return np.ascontiguousarray(img)
-
-
-def read_image_file(path):
-    """Read an image file from disk as float32 (H, W, 3) BGR in [0, 1]."""
-    try:
-        with open(path, 'rb') as f:
-            content = f.read()
-    except OSError as error:
-        raise OSError(f'cannot read image file: {path} ({error.strerror or error})') from error
-    return to_float_bgr(decode_image(content, path), path)
-
-
-def bit_depth_dtype(img):
-    """The integer dtype to write a float result of a raw decoded image back in (uint8 or uint16)."""
-    return np.uint16 if img.dtype == np.uint16 else np.uint8
-
-
-def float_to_integer(img, dtype):
-    """float [0, 1] -> uint8 / uint16 with rounding (the inverse of `to_float_bgr`'s scaling)."""
-    top = _INTEGER_RANGES[np.dtype(dtype)]
-    return np.clip(np.round(img * top), 0, top).astype(dtype)
+    rgb, info = decode_image(content, name)
+    return np.ascontiguousarray(rgb[:, :, ::-1]), info
 
 
 def pad_reflect(img, height, width):

@@ -6,7 +6,7 @@ mode, loaded from local files only (a missing backbone file raises an error that
 from basicsr.utils.registry import LOSS_REGISTRY
 from torch import nn
 
-from vqir.utils.lpips_weights import build_lpips
+from vqir.utils.lpips_weights import build_lpips, lpips_backbone_path
 
 __all__ = ['LPIPSLoss']
 
@@ -26,6 +26,11 @@ class LPIPSLoss(nn.Module):
         input_range (list[float]): [-1, 1] (the networks' range, default) or [0, 1].
         pretrained_backbone (bool): False builds the backbone randomly initialised (tests only).
     """
+
+    @staticmethod
+    def required_weights(loss_weight=1.0, net='vgg', pretrained_backbone=True, **kwargs):
+        """The weight files a loss with these options reads (checked before a run starts)."""
+        return [lpips_backbone_path(net)] if loss_weight and pretrained_backbone else []
 
     def __init__(self, loss_weight=1.0, net='vgg', input_range=(-1, 1), pretrained_backbone=True):
         super().__init__()

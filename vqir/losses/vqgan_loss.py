@@ -87,6 +87,11 @@ class VQGANLoss(nn.Module):
             keeps -mean D(x̂).
     """
 
+    @staticmethod
+    def required_weights(perceptual_weight=1.0, perceptual_net='vgg', perceptual_pretrained_backbone=True, **kwargs):
+        """The weight files a loss with these options reads (checked before a run starts)."""
+        return LPIPSLoss.required_weights(perceptual_weight, perceptual_net, perceptual_pretrained_backbone)
+
     def __init__(self,
                  disc_start,
                  loss_weight=1.0,

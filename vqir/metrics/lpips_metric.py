@@ -10,7 +10,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import METRIC_REGISTRY
 
 from vqir.metrics.metric_util import checked_color_pair
-from vqir.utils.lpips_weights import build_lpips
+from vqir.utils.lpips_weights import build_lpips, lpips_backbone_path
 
 __all__ = ['calculate_lpips']
 
@@ -69,3 +69,11 @@ def calculate_lpips(img,
     with torch.no_grad():
         distance = network(_to_lpips_tensor(img, device), _to_lpips_tensor(img2, device))
     return float(distance.item())
+
+
+def _required_weights(net='vgg', pretrained_backbone=True, **kwargs):
+    """The weight files this metric reads (checked before a run starts)."""
+    return [lpips_backbone_path(net)] if pretrained_backbone else []
+
+
+calculate_lpips.required_weights = _required_weights

@@ -30,12 +30,14 @@ from basicsr.utils import get_root_logger, tensor2img
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
+from vqir.metrics.fid_metric import InceptionFeatureSets
 from vqir.utils.atomic_file import atomic_write_bytes
 from vqir.utils.checkpoint import CheckpointError, atomic_torch_save, load_weights, save_state_dict
 from vqir.utils.dist import barrier, is_distributed, master_only
 from vqir.utils.errors import InputError
 from vqir.utils.image_io import write_image
-from vqir.utils.options import METRIC_ROUTING_KEYS, MIXED_PRECISION, OptionsError
+from vqir.utils.hub_weights import WeightsNotFoundError
+from vqir.utils.options import METRIC_ROUTING_KEYS, MIXED_PRECISION, OptionsError, check_metric_weights
 
 
 class NonFiniteLossError(InputError, RuntimeError):
@@ -374,6 +376,8 @@ class VQIRBaseModel(BaseModel):
         pbar = tqdm(total=len(dataloader) if not max_images else min(max_images, len(dataloader)), unit='image',
                     desc=f'{dataset_name}', dynamic_ncols=True, disable=not val_opt.get('pbar', True))
         metric_opts = self._drop_unavailable_metrics(metric_opts)
+        set_metrics = InceptionFeatureSets(metric_opts)  # FID, KID: one value over the whole set
+        metric_opts = OrderedDict((k, v) for k, v in metric_opts.items() if k not in set_metrics.entries)
         warned = set()  # metrics already warned about
         self.begin_validation()
         for idx, val_data in enumerate(dataloader):
@@ -403,6 +407,7 @@ class VQIRBaseModel(BaseModel):
                         f'pixels (crop border {arguments.get("crop_border", 0)}), maybe too small for the metric')
                 row[metric_name] = value
             rows.append(row)
+            set_metrics.add(images)
             if save_img:
                 for key in self.saved_outputs():
                     if key not in images:
@@ -416,7 +421,8 @@ class VQIRBaseModel(BaseModel):
             pbar.update(1)
             pbar.set_postfix_str(img_name)
         pbar.close()
-        means = self._summarise_metrics(rows, self.dataset_metrics(), dataset_name, current_iter, tb_logger)
+        means = self._summarise_metrics(rows, OrderedDict(**set_metrics.compute(), **self.dataset_metrics()),
+                                        dataset_name, current_iter, tb_logger)
         self.last_validation = {'dataset': dataset_name, 'rows': rows, 'mean': means}
         return means
 
@@ -432,17 +438,15 @@ class VQIRBaseModel(BaseModel):
     def _drop_unavailable_metrics(metric_opts):
         """Metrics marked ``optional: true`` whose weights are not on this machine are skipped
         (with a warning naming the missing file); without ``optional`` the run stops at start."""
-        from vqir.utils.lpips_weights import LPIPSWeightsNotFoundError, lpips_backbone_path
         kept = OrderedDict()
         for name, opt_ in metric_opts.items():
-            if opt_.get('type') == 'calculate_lpips' and opt_.get('pretrained_backbone', True):
-                try:
-                    lpips_backbone_path(opt_.get('net', 'vgg'))
-                except LPIPSWeightsNotFoundError as err:
-                    if not opt_.get('optional', False):
-                        raise
-                    get_root_logger().warning(f'metric {name} skipped: {err}')
-                    continue
+            try:
+                check_metric_weights(opt_)
+            except WeightsNotFoundError as err:
+                if not opt_.get('optional', False):
+                    raise
+                get_root_logger().warning(f'metric {name} skipped: {err}')
+                continue
             kept[name] = opt_
         return kept
 

@@ -1,4 +1,9 @@
-"""Reading and writing the images of users: every way a file can be wrong is one clear error.
+"""The project's one image reader and writer: every way a file can be wrong is one clear error.
+
+Everything that reads an image goes through ``decode_image`` (the datasets, which get bytes from
+a folder or an LMDB, ``test.py``, ``vqir-rescale`` and the data scripts), so a JPEG is read the
+same way everywhere; everything that writes one goes through ``encode_image`` / ``write_image``,
+and ``IMAGE_EXTENSIONS`` is the one list of file types a folder is searched for.
 
 ``read_image`` returns an RGB float32 image in [0, 1] and an :class:`ImageInfo` that remembers
 what the file was (grey / RGB / RGBA, 8 or 16 bits, its PNG text chunks), so that
@@ -15,6 +20,7 @@ Before anything is decoded the header is read (PIL, lazily) and images with more
 Writing is atomic: the encoded file goes to a temporary name in the target folder and is
 renamed over the target, so an interrupted or failed write never leaves a partial image.
 """
+import io
 import os
 import struct
 import warnings
@@ -31,8 +37,8 @@ from .atomic_file import atomic_write_bytes
 from .errors import InputError
 
 __all__ = [
-    'IMAGE_EXTENSIONS', 'DEFAULT_MAX_PIXELS', 'ImageReadError', 'ImageWriteError', 'ImageInfo', 'read_image',
-    'write_image', 'list_images'
+    'IMAGE_EXTENSIONS', 'DEFAULT_MAX_PIXELS', 'ImageReadError', 'ImageWriteError', 'ImageInfo', 'decode_image',
+    'read_image', 'encode_image', 'write_image', 'list_images', 'list_image_files'
 ]
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
@@ -108,11 +114,11 @@ def _exif_orientation(img):
     return value if value in _ORIENT else 1
 
 
-def _read_header(path):
+def _read_header(data):
     """(format, (H, W), text chunks, EXIF orientation) from the header alone, or (None, None, {}, 1)
     if PIL cannot identify it."""
     try:
-        with _pil_without_bomb_limit(), Image.open(path) as img:
+        with _pil_without_bomb_limit(), Image.open(io.BytesIO(data)) as img:
             text = {str(k): str(v) for k, v in img.info.items() if isinstance(v, str)} if img.format == 'PNG' else {}
             return img.format, (img.height, img.width), text, _exif_orientation(img)
     except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error):
@@ -138,12 +144,11 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
             where the format allows, else after decoding); None for no limit.
 
     Returns:
-        (img, info): img (H, W, 3) float32 in [0, 1], RGB (grey images repeated over three
-        channels, alpha removed), turned upright by the EXIF orientation; info an :class:`ImageInfo`.
+        (img, info) as :func:`decode_image`.
 
     Raises:
-        ImageReadError naming the file: missing, a folder, empty, not an image, truncated or
-        corrupt, an unsupported sample type or channel count, or too many pixels.
+        ImageReadError naming the file: missing, a folder, unreadable, or any error of
+        :func:`decode_image`.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -155,10 +160,31 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
             data = f.read()
     except OSError as err:
         raise ImageReadError(f'{path}: cannot be read ({err.strerror or err})') from None
+    return decode_image(data, path, max_pixels)
+
+
+def decode_image(data, path, max_pixels=DEFAULT_MAX_PIXELS):
+    """Decode the bytes of an image file as RGB float32 in [0, 1].
+
+    Args:
+        data: the encoded file (bytes, or None for a missing LMDB entry).
+        path: what the bytes are (a file, or an LMDB folder and key); it starts every error message.
+        max_pixels: as :func:`read_image`.
+
+    Returns:
+        (img, info): img (H, W, 3) float32 in [0, 1], RGB (grey images repeated over three
+        channels, alpha removed), turned upright by the EXIF orientation; info an :class:`ImageInfo`.
+
+    Raises:
+        ImageReadError naming ``path``: empty, not an image, truncated or corrupt, an unsupported
+        sample type or channel count, or too many pixels.
+    """
+    path = os.fspath(path)
     if not data:
         raise ImageReadError(f'{path}: empty file')
+    data = bytes(data)
 
-    file_format, size, text, orientation = _read_header(path)
+    file_format, size, text, orientation = _read_header(data)
     if size is not None:
         _check_pixels(path, size, max_pixels)
     # libpng hands back the rows it got from a cut-off file without an error; bytes after the
@@ -195,6 +221,10 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     elif img.ndim == 3 and img.shape[2] == 3:
         mode = 'rgb'
         rgb = img[:, :, ::-1]
+    elif img.ndim == 3 and img.shape[2] == 2:  # grey + alpha (OpenCV usually expands it to 4 channels)
+        mode = 'rgba'
+        rgb = np.repeat(img[:, :, :1], 3, axis=2)
+        alpha = img[:, :, 1].astype(np.float32) / _MAX_VALUE[img.dtype]
     elif img.ndim == 3 and img.shape[2] == 4:
         mode = 'rgba'
         rgb = img[:, :, 2::-1]
@@ -236,11 +266,12 @@ def _insert_png_text(png, text):
     return png[:ihdr_end] + b''.join(_png_text_chunk(k, v) for k, v in text.items()) + png[ihdr_end:]
 
 
-def write_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None):
-    """Write an RGB image in [0, 1] (values outside are clamped) atomically.
+def encode_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None, png_compression=None, quality=None):
+    """Encode an RGB image in [0, 1] (values outside are clamped) as the bytes of an image file.
 
     Args:
-        path: target file; the extension picks the format (16 bits and alpha need PNG or TIFF).
+        path: the file the bytes are for: its extension picks the format (16 bits and alpha need
+            PNG or TIFF), and it starts every error message.
         rgb01: (H, W, 3) float array, or a (3, H, W) / (1, 3, H, W) tensor, RGB in [0, 1].
         info: the :class:`ImageInfo` of the input this result stands for: a 'gray' input is
             written as one channel (ITU-R BT.601 luma), an 'rgba' input with its alpha
@@ -249,10 +280,11 @@ def write_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None):
         bit_depth: 8 or 16.
         alpha: (H, W) float array in [0, 1]; overrides ``info.alpha``.
         text: {key: value} PNG text chunks (PNG only).
+        png_compression: zlib level 0-9 for PNG (None: OpenCV's default); pixels are the same.
+        quality: 1-100 for JPEG and WebP (None: OpenCV's defaults, 95 and lossless-near 100).
 
     Raises:
-        ImageWriteError naming the file for shapes or options the format cannot store;
-        OSError if the file system refuses.
+        ImageWriteError naming ``path`` for shapes or options the format cannot store.
     """
     path = os.fspath(path)
     img = _to_hwc_numpy(rgb01, path)
@@ -274,6 +306,16 @@ def write_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None):
         raise ImageWriteError(f'{path}: {ext} cannot store an alpha channel (use .png)')
     if text and ext != '.png':
         raise ImageWriteError(f'{path}: text chunks can only be stored in .png files')
+    params = []
+    if png_compression is not None:
+        if ext != '.png' or not 0 <= png_compression <= 9:
+            raise ImageWriteError(f'{path}: png_compression {png_compression!r} needs a .png file and a level 0-9')
+        params = [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression)]
+    if quality is not None:
+        flags = {'.jpg': cv2.IMWRITE_JPEG_QUALITY, '.jpeg': cv2.IMWRITE_JPEG_QUALITY, '.webp': cv2.IMWRITE_WEBP_QUALITY}
+        if ext not in flags or not 1 <= quality <= 100:
+            raise ImageWriteError(f'{path}: quality {quality!r} needs a .jpg or .webp file and a value 1-100')
+        params = [flags[ext], int(quality)]
 
     max_value = 65535. if bit_depth == 16 else 255.
     dtype = np.uint16 if bit_depth == 16 else np.uint8
@@ -287,7 +329,7 @@ def write_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None):
     out = np.round(out * max_value).astype(dtype)
 
     try:
-        ok, encoded = cv2.imencode(ext, out)
+        ok, encoded = cv2.imencode(ext, out, params)
     except cv2.error:
         ok = False
     if not ok:
@@ -295,7 +337,47 @@ def write_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None):
     data = encoded.tobytes()
     if text:
         data = _insert_png_text(data, text)
-    atomic_write_bytes(path, data)
+    return data
+
+
+def write_image(path, rgb01, info=None, **options):
+    """Write an RGB image in [0, 1] atomically: encoded by :func:`encode_image` (same options),
+    written to a temporary name in the target folder and renamed over ``path``, so an interrupted
+    or failed write never leaves a partial image. Missing folders are created.
+
+    Raises:
+        ImageWriteError naming the file for shapes or options the format cannot store;
+        OSError if the file system refuses.
+    """
+    atomic_write_bytes(path, encode_image(path, rgb01, info, **options))
+
+
+def _images_in_folder(folder, recursive):
+    """Image files (``IMAGE_EXTENSIONS``, any case) in ``folder`` as sorted paths relative to it,
+    hidden files and folders skipped."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.')) if recursive else []
+        found += [
+            os.path.relpath(os.path.join(root, n), folder) for n in names
+            if not n.startswith('.') and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+        ]
+    return sorted(found)
+
+
+def list_image_files(folder):
+    """The image files below ``folder`` (recursive), as sorted paths relative to it: what a
+    dataset or a data-preparation script reads.
+
+    Raises:
+        FileNotFoundError if ``folder`` is not a folder; ValueError if it holds no image file.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f'image folder does not exist: {folder}')
+    names = _images_in_folder(folder, recursive=True)
+    if not names:
+        raise ValueError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) found in folder: {folder}')
+    return names
 
 
 def list_images(paths, recursive=False):
@@ -315,16 +397,10 @@ def list_images(paths, recursive=False):
     for path in paths:
         path = os.fspath(path)
         if os.path.isdir(path):
-            found = []
-            for root, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith('.')) if recursive else []
-                found += [
-                    os.path.join(root, n) for n in names
-                    if not n.startswith('.') and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
-                ]
+            found = _images_in_folder(path, recursive)
             if not found:
                 raise ImageReadError(f'{path}: folder contains no images ({", ".join(IMAGE_EXTENSIONS)})')
-            files += sorted(found)
+            files += [os.path.join(path, name) for name in found]
         elif os.path.exists(path):
             files.append(path)
         else:

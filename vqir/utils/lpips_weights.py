@@ -15,11 +15,10 @@ the file, the folder and the URL to fetch it from on a machine with internet acc
 """
 import os
 import warnings
-from urllib.parse import urlparse
 
 import torch
 
-from .errors import InputError
+from .hub_weights import WeightsNotFoundError, hub_weights_path
 
 __all__ = [
     'LPIPSWeightsNotFoundError', 'SUPPORTED_LPIPS_NETS', 'build_lpips', 'lpips_available', 'lpips_backbone_path',
@@ -29,7 +28,7 @@ __all__ = [
 SUPPORTED_LPIPS_NETS = ('vgg', 'alex')
 
 
-class LPIPSWeightsNotFoundError(InputError, FileNotFoundError):
+class LPIPSWeightsNotFoundError(WeightsNotFoundError):
     """An LPIPS weights file is not where it must be (nothing is ever downloaded)."""
 
 
@@ -64,16 +63,8 @@ def lpips_backbone_path(net, check_exists=True):
     Returns:
         str: the absolute path.
     """
-    url = lpips_backbone_url(net)
-    file_name = os.path.basename(urlparse(url).path)
-    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    path = os.path.join(folder, file_name)
-    if check_exists and not os.path.isfile(path):
-        raise LPIPSWeightsNotFoundError(
-            f"LPIPS '{net}' needs the ImageNet backbone weights file '{file_name}' in folder '{folder}' "
-            f'(torch.hub.get_dir()/checkpoints; set TORCH_HOME to use another cache), and it is not there. '
-            f'Nothing is downloaded: fetch {url} on a machine with internet access and copy it into that folder.')
-    return path
+    return hub_weights_path(lpips_backbone_url(net), f"LPIPS '{net}' (its ImageNet backbone)", check_exists,
+                            error=LPIPSWeightsNotFoundError)
 
 
 def lpips_linear_weights_path(net):

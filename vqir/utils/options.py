@@ -15,8 +15,10 @@ import argparse
 import difflib
 import importlib.util
 import inspect
-import os
+import json
 import random
+import sys
+import time
 from collections import OrderedDict
 from os import path as osp
 
@@ -25,8 +27,10 @@ import yaml
 from basicsr.utils import set_random_seed
 from basicsr.utils.options import dict2str  # noqa: F401  (re-exported)
 
+from .atomic_file import atomic_write_bytes
 from .dist import get_dist_info, init_dist, master_only
 from .errors import InputError
+from .hub_weights import WeightsNotFoundError
 from ..version import __version__
 
 
@@ -346,30 +350,43 @@ def _check_image_name(name, image_names, opt_path, key, model_type):
 
 def check_weight_files(opt, opt_path):
     """The weight files a run reads exist, checked before it creates any folder: every
-    ``path:pretrain_network_*``, and the LPIPS backbone (in the torch cache) of a weighted LPIPS
-    loss (``LPIPSLoss``, or ``VQGANLoss`` with ``perceptual_weight``) or of a ``calculate_lpips``
-    metric not marked ``optional`` (an optional one is skipped at validation instead)."""
-    from vqir.utils.lpips_weights import LPIPSWeightsNotFoundError, lpips_backbone_path
+    ``path:pretrain_network_*``, and what each ``train:*_opt`` loss and each ``val:metrics`` entry
+    not marked ``optional`` reads (an optional metric is skipped at validation instead): a loss or
+    metric names its files in a ``required_weights`` hook (LPIPS, DISTS, FID / KID)."""
+    from basicsr.utils.registry import LOSS_REGISTRY, METRIC_REGISTRY
     for key, value in opt['path'].items():
         if key.startswith('pretrain_network_') and isinstance(value, str) and not osp.isfile(value):
             raise OptionsError(f'{opt_path}: option path:{key}: {value}: no such file')
-    backbones = []  # (option key, LPIPS net)
-    for key, block in (opt.get('train') or {}).items():
-        if not (key.endswith('_opt') and isinstance(block, dict)):
-            continue
-        if block.get('type') == 'LPIPSLoss' and block.get('loss_weight', 1.0) and block.get('pretrained_backbone', True):
-            backbones.append((f'train:{key}', block.get('net', 'vgg')))
-        if (block.get('type') == 'VQGANLoss' and block.get('perceptual_weight', 1.0)
-                and block.get('perceptual_pretrained_backbone', True)):
-            backbones.append((f'train:{key}', block.get('perceptual_net', 'vgg')))
-    for name, block in ((opt.get('val') or {}).get('metrics') or {}).items():
-        if block.get('type') == 'calculate_lpips' and block.get('pretrained_backbone', True) and not block.get('optional'):
-            backbones.append((f'val:metrics:{name}', block.get('net', 'vgg')))
-    for key, net in backbones:
+    checks = [(LOSS_REGISTRY, block, ('type', ), f'train:{key}') for key, block in (opt.get('train') or {}).items()
+              if key.endswith('_opt') and isinstance(block, dict)]
+    checks += [(METRIC_REGISTRY, block, _METRIC_NON_ARGUMENTS, f'val:metrics:{name}')
+               for name, block in ((opt.get('val') or {}).get('metrics') or {}).items() if not block.get('optional')]
+    for registry, block, skipped_keys, key in checks:
         try:
-            lpips_backbone_path(net)
-        except LPIPSWeightsNotFoundError as err:
-            raise LPIPSWeightsNotFoundError(f'{opt_path}: option {key}: {err}') from None
+            _required_weights(registry, block, skipped_keys)
+        except WeightsNotFoundError as err:
+            raise type(err)(f'{opt_path}: option {key}: {err}') from None
+
+
+def check_metric_weights(block):
+    """Raise :class:`WeightsNotFoundError` when a weight file that the ``val:metrics`` entry
+    ``block`` reads is missing (the metric's ``required_weights`` hook names them)."""
+    from basicsr.utils.registry import METRIC_REGISTRY
+    _required_weights(METRIC_REGISTRY, block, _METRIC_NON_ARGUMENTS)
+
+
+_METRIC_NON_ARGUMENTS = METRIC_ROUTING_KEYS + ('type', )
+
+
+def _required_weights(registry, block, skipped_keys):
+    """Call the ``required_weights`` hook of the loss or metric ``block`` names, with its arguments."""
+    try:
+        component = registry.get(block.get('type'))
+    except KeyError:  # an unknown type was reported by check_components
+        return
+    required = getattr(component, 'required_weights', None)
+    if required is not None:
+        required(**{k: v for k, v in block.items() if k not in skipped_keys})
 
 
 def apply_force_yml(opt, entries, opt_path='--force_yml'):
@@ -426,6 +443,9 @@ def parse_options(root_path, is_train=True, argv=None):
     args = build_arg_parser(is_train).parse_args(argv)
     opt = load_options_file(args.opt)
     apply_force_yml(opt, args.force_yml, args.opt)
+    if not is_train and isinstance(opt.get('datasets'), dict):
+        # `--force_yml datasets:test_2=~` leaves a test set out (e.g. one not downloaded)
+        opt['datasets'] = OrderedDict((k, v) for k, v in opt['datasets'].items() if v is not None)
     if not is_train and args.tile is not None:
         opt.setdefault('inference', OrderedDict())['tile'] = args.tile
     if not is_train and args.tile_overlap is not None:
@@ -510,14 +530,22 @@ def _resolve(path, root_path):
     return under_root
 
 
+def _run_header():
+    return f'# GENERATE TIME: {time.asctime()}\n# CMD:\n# {" ".join(sys.argv)}\n\n'
+
+
 @master_only
 def copy_opt_file(opt_file, experiments_root):
-    """Copy the options file into the experiment folder, headed by the command that ran it."""
-    import sys
-    import time
-    os.makedirs(experiments_root, exist_ok=True)
-    target = osp.join(experiments_root, osp.basename(opt_file))
+    """Copy the options file into the experiment folder, headed by the command that ran it (atomically)."""
     with open(opt_file, encoding='utf-8') as f:
         content = f.read()
-    with open(target, 'w', encoding='utf-8') as f:
-        f.write(f'# GENERATE TIME: {time.asctime()}\n# CMD:\n# {" ".join(sys.argv)}\n\n{content}')
+    atomic_write_bytes(osp.join(experiments_root, osp.basename(opt_file)), (_run_header() + content).encode('utf-8'))
+
+
+@master_only
+def save_resolved_options(opt, folder, file_name='options.yml'):
+    """The options a run used (after ``--force_yml`` and every default) as YAML in ``folder``, headed
+    by the command: what ``scripts/metrics_table.py`` reads a test run's scale and metrics from."""
+    plain = json.loads(json.dumps(opt, default=str))  # OrderedDicts and paths as plain YAML
+    text = _run_header() + yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
+    atomic_write_bytes(osp.join(folder, file_name), text.encode('utf-8'))
