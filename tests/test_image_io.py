@@ -6,6 +6,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 from skimage import data as skdata
 
 from vqir.utils.image_io import ImageReadError, ImageWriteError, list_images, read_image, write_image
@@ -203,3 +204,30 @@ def test_exif_orientation_is_applied(tmp_path, orientation):
     with Image.open(out) as written:
         assert written.getexif().get(0x0112, 1) == 1
         assert np.array_equal(np.asarray(written), upright)
+
+
+@pytest.mark.parametrize('ext', ['jpg', 'webp'])
+def test_text_travels_in_the_exif_of_jpeg_and_webp(tmp_path, rgb_u8, ext):
+    """encode_image's text in a JPEG or WebP (with or without alpha) reads back; the file stays a
+    valid image for PIL and OpenCV; an ImageDescription of another kind is no text."""
+    rgb = rgb_u8[:, :, ::-1].astype(np.float32) / 255.
+    text = {'vqir:original_size': '640x480', 'vqir:ir_scale': '16'}
+    alphas = [None, np.linspace(0, 1, rgb.shape[1], dtype=np.float32)[None].repeat(rgb.shape[0], 0)]
+    for alpha in alphas if ext == 'webp' else alphas[:1]:
+        path = str(tmp_path / f'lr.{ext}')
+        write_image(path, rgb, text=text, alpha=alpha, quality=90)
+        img, info = read_image(path)
+        assert info.text == text and info.mode == ('rgb' if alpha is None else 'rgba')
+        with Image.open(path) as pil:
+            pil.load()
+            assert pil.size == (rgb.shape[1], rgb.shape[0])
+        assert cv2.imread(path).shape == rgb.shape
+    camera = str(tmp_path / f'camera.{ext}')
+    exif = Image.Exif()
+    exif[0x010E] = 'OLYMPUS DIGITAL CAMERA'
+    Image.fromarray(rgb_u8[:, :, ::-1]).save(camera, exif=exif.tobytes())
+    assert read_image(camera)[1].text == {}
+    with pytest.raises(ImageWriteError, match='keys without "="'):
+        write_image(str(tmp_path / f'bad.{ext}'), rgb, text={'a=b': 'c'})
+    with pytest.raises(ImageWriteError, match=r'text can be stored in .png, .jpg and .webp files only'):
+        write_image(str(tmp_path / 'x.bmp'), rgb, text=text)

@@ -333,6 +333,48 @@ def test_up_writes_jpg_and_webp_with_a_suffix(files, rescaler, tmp_path, capsys)
     assert not (tmp_path / 'deep').exists()
 
 
+@pytest.mark.parametrize('fmt, quality', [('jpg', 90), ('webp', 80)])
+def test_down_writes_a_jpeg_or_webp_lr_that_up_reads(files, rescaler, tmp_path, capsys, fmt, quality):
+    """An LR to share: the network's LR encoded at the asked quality, the original size and scale in
+    its EXIF; up rebuilds from exactly those pixels. A JPEG that lost its EXIF needs --size."""
+    status, err = run(capsys, 'down', files['photo'], '-o', tmp_path / 'lr', '--format', fmt, '--quality', quality,
+                      *_net_args(files))
+    assert status == 0 and os.listdir(tmp_path / 'lr') == [f'photo.{fmt}'], err
+    lr_file = tmp_path / 'lr' / f'photo.{fmt}'
+    hr, _ = read_image(files['photo'])
+    lr, _ = rescaler.roundtrip(_to_tensor(hr))
+    flag = cv2.IMWRITE_JPEG_QUALITY if fmt == 'jpg' else cv2.IMWRITE_WEBP_QUALITY
+    expected = cv2.imdecode(cv2.imencode(f'.{fmt}', _as_saved(lr), [flag, quality])[1], cv2.IMREAD_COLOR)
+    assert np.array_equal(cv2.imread(str(lr_file)), expected)  # OpenCV's encoder, the asked quality
+    lr_read, info = read_image(str(lr_file))
+    assert info.text == {'vqir:original_size': '76x100', 'vqir:ir_scale': '16', 'vqir:mode': 'rgb'}
+
+    status, err = run(capsys, 'up', lr_file, '-o', tmp_path / 'up', *_net_args(files))
+    assert status == 0, err
+    rebuilt = cv2.imread(str(tmp_path / 'up' / 'photo.png'))
+    assert rebuilt.shape == (100, 76, 3)
+    expected_up = rescaler.upscale(_to_tensor(lr_read), out_size=(100, 76))['Level_1']
+    assert np.array_equal(rebuilt, _as_saved(expected_up))
+
+    stripped = tmp_path / f'stripped.{fmt}'  # re-encoded elsewhere: pixels only
+    cv2.imwrite(str(stripped), cv2.imread(str(lr_file)))
+    status, err = run(capsys, 'up', stripped, '-o', tmp_path / 'plain', '--size', '76x100', *_net_args(files))
+    assert status == 0 and cv2.imread(str(tmp_path / 'plain' / f'stripped.png')).shape == (100, 76, 3), err
+
+
+def test_lossy_lr_options_are_checked(files, tmp_path, capsys):
+    status, err = run(capsys, 'down', files['photo'], '-o', tmp_path / 'a', '--quality', '90', *_net_args(files))
+    assert status == 1 and 'error: --quality 90: needs --format jpg or webp and a value from 1 to 100' in err
+    status, err = run(capsys, 'down', files['photo'], '-o', tmp_path / 'b', '--format', 'jpg', '--quality', '0',
+                      *_net_args(files))
+    assert status == 1 and '--quality 0' in err
+    rgba = tmp_path / 'logo.png'
+    cv2.imwrite(str(rgba), np.dstack([cv2.imread(files['photo']), np.full((100, 76), 128, np.uint8)]))
+    status, err = run(capsys, 'down', rgba, '-o', tmp_path / 'c', '--format', 'jpg', *_net_args(files))
+    assert status == 1 and f'error: {rgba}: has an alpha channel, which a JPEG LR cannot keep' in err
+    assert not (tmp_path / 'c').exists() or os.listdir(tmp_path / 'c') == []
+
+
 def test_device_index_tile_overlap_spellings_version_and_examples(files, tmp_path, capsys):
     for spelling in ('--tile-overlap', '--tile_overlap'):
         status, err = run(capsys, 'down', files['photo'], '-o', tmp_path / spelling, '--tile', '32', spelling, '16',
@@ -353,3 +395,25 @@ def test_device_index_tile_overlap_spellings_version_and_examples(files, tmp_pat
         assert stop.value.code == 0
         out = capsys.readouterr().out
         assert ('vqir-rescale (vqir ' in out) if argv == ['--version'] else ('examples:\n  vqir-rescale down' in out)
+
+
+def test_jpeg_benchmark_measures_every_codec_against_the_png_path(files, tmp_path, capsys):
+    """scripts/benchmark_jpeg.py: the PNG row is the reference (no change, every code kept), each
+    lossy row is measured from the LR file's own bytes."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('benchmark_jpeg', os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'benchmark_jpeg.py'))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(['--opt', files['opt16'], '--weights', files['weights16'], '--images', files['photo'],
+                       '-o', str(tmp_path / 'jpeg')]) == 0
+    table = capsys.readouterr().out
+    assert table == (tmp_path / 'jpeg.md').read_text() and '| JPEG 50 |' in table and '| WebP 90 |' in table
+    import csv
+    with open(tmp_path / 'jpeg.csv', encoding='utf-8') as f:
+        rows = {r['codec']: r for r in csv.DictReader(f) if r['photo'] == 'mean'}
+    assert list(rows) == ['PNG', 'JPEG 95', 'JPEG 90', 'JPEG 75', 'JPEG 50', 'WebP 90']
+    assert float(rows['PNG']['y_psnr_change']) == 0 and float(rows['PNG']['codes_kept']) == 1
+    assert all(0 <= float(r['codes_kept']) <= 1 for r in rows.values())
+    assert float(rows['JPEG 50']['lr_bytes']) < float(rows['JPEG 95']['lr_bytes'])
+    assert float(rows['JPEG 95']['lr_psnr']) >= float(rows['JPEG 50']['lr_psnr'])

@@ -591,6 +591,16 @@ class Rescaler:
                 results[name] = self._from_network(out).to(lr.device)
         return results
 
+    def codes(self, lr):
+        """LR ``(B, 3, h, w)`` in [0, 1] -> the codebook indices ``(B, h, w)`` its features snap to
+        (what :meth:`upscale` decodes): two LRs with the same codes give the same reconstruction."""
+        self._check_images(lr, 'LR image')
+        net = self.net
+        with self._running(), self._float32():
+            re_quant_feat = net.icrm(self._to_network(lr), rev=True)
+            _, _, (_, _, indices) = net.quantize(re_quant_feat.float())
+        return indices.reshape(lr.shape[0], *lr.shape[-2:]).to(lr.device)
+
     def roundtrip(self, hr):
         """HR ``(B, 3, H, W)`` -> (LR, outputs of :meth:`upscale`) with outputs of the input's size
         (of the cropped size with 'mod_crop')."""

@@ -1,4 +1,4 @@
-"""Rescale images with a VQIR network: ``down`` makes 8-bit LR PNGs, ``up`` rebuilds the images from them.
+"""Rescale images with a VQIR network: ``down`` makes 8-bit LR images, ``up`` rebuilds the images from them.
 
 Usage::
 
@@ -10,8 +10,11 @@ Usage::
 8-bit RGB PNG, and all that ``up`` needs. It also records in PNG text chunks the original size
 (``vqir:original_size``, e.g. ``1000x750``), the scale and whether the input was grey, so
 ``up`` restores the exact size and form; ``--size WxH`` overrides the recorded size (an LR from
-elsewhere). RGBA inputs: the alpha channel is resized with MATLAB-style bicubic alongside and
-stored as the LR's alpha. 16-bit inputs are read in full; the LR is always 8-bit and ``up``
+elsewhere). ``down --format jpg|webp --quality Q`` writes the LR as a JPEG (4:2:0) or WebP
+instead, the record kept in the file's EXIF ImageDescription; ``up`` reads either (a JPEG LR
+re-encoded elsewhere, which lost its EXIF, needs ``--size`` when the original's sides did not
+divide by the scale). RGBA inputs: the alpha channel is resized with MATLAB-style bicubic
+alongside and stored as the LR's alpha (PNG or WebP). 16-bit inputs are read in full; the LR is always 8-bit and ``up``
 writes 8 bits unless ``--bit-depth 16``.
 
 The network: ``--weights`` with ``--scale 16|32`` (the released network configuration; the
@@ -55,7 +58,9 @@ TEXT_SIZE = 'vqir:original_size'
 TEXT_SCALE = 'vqir:ir_scale'
 TEXT_MODE = 'vqir:mode'
 NETWORK_BLOCKS = ('network_g', 'network_ir')
-UP_EXTENSIONS = ('png', 'jpg', 'webp')  # what `up --ext` writes; `down` always writes PNG (lossless, text chunks)
+UP_EXTENSIONS = ('png', 'jpg', 'webp')  # what `up --ext` writes
+LR_FORMATS = ('png', 'jpg', 'webp')  # what `down --format` writes: PNG (lossless, default) or a lossy LR
+DEFAULT_LR_QUALITY = 95
 
 
 class UsageError(InputError, ValueError):
@@ -79,6 +84,7 @@ EXAMPLES = """examples:
   vqir-rescale down photos/ -o lr/ --weights pretrained/vqir_x16.pth
   vqir-rescale up lr/ -o rebuilt/ --weights pretrained/vqir_x16.pth
   vqir-rescale up lr/ -o rebuilt/ --weights pretrained/vqir_x16.pth --ext jpg --suffix _x16
+  vqir-rescale down photos/ -o lr/ --weights pretrained/vqir_x16.pth --format jpg --quality 90
   vqir-rescale down big.png -o lr/ --weights pretrained/vqir_x32.pth --scale 32 --tile 512 --device cuda:1
   vqir-rescale up lr/ -o rebuilt/ --opt options/test/demo_x16.yml     (the demo's network)
 """
@@ -113,13 +119,17 @@ def build_parser():
                         help='torch.compile the VQGAN and the MSRM (the first image of each size compiles for minutes)')
     common.add_argument('--verbose', action='store_true', help='log what is loaded')
 
-    down = sub.add_parser('down', parents=[common], help='HR images -> 8-bit LR PNGs',
-                          description='Downscale images to 8-bit LR PNGs.', epilog=EXAMPLES,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    down = sub.add_parser('down', parents=[common], help='HR images -> 8-bit LR images',
+                          description='Downscale images to 8-bit LR images (PNG, or JPEG / WebP to share).',
+                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     down.add_argument('--mod-crop', action='store_true',
                       help='crop to a multiple of the scale instead of padding (as the reference evaluates)')
-    up = sub.add_parser('up', parents=[common], help='LR PNGs -> reconstructed images',
-                        description='Rebuild images from LR PNGs made by "down".', epilog=EXAMPLES,
+    down.add_argument('--format', choices=LR_FORMATS, default='png',
+                      help='format of the LR (default png, lossless; jpg (4:2:0) and webp are lossy)')
+    down.add_argument('--quality', type=int, metavar='Q',
+                      help='JPEG / WebP quality 1-100 of the LR (default 95; only with --format jpg or webp)')
+    up = sub.add_parser('up', parents=[common], help='LR images -> reconstructed images',
+                        description='Rebuild images from LR images made by "down" (PNG, JPEG or WebP).', epilog=EXAMPLES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument('--size', type=_size_arg, metavar='WxH',
                     help='output size (default: recorded by "down", else scale x LR size)')
@@ -242,7 +252,7 @@ def _alpha_up(alpha, scale, out_h, out_w):
     return np.clip(imresize(alpha, scale)[:out_h, :out_w], 0., 1.)
 
 
-def downscale_file(rescaler, path, out_path):
+def downscale_file(rescaler, path, out_path, quality=None):
     img, info = read_image(path)
     height, width = img.shape[:2]
     try:
@@ -252,8 +262,10 @@ def downscale_file(rescaler, path, out_path):
     alpha = _alpha_down(info.alpha, rescaler) if info.alpha is not None else None
     if rescaler.size_mode == 'mod_crop':
         height, width = rescaler.network_size(height, width)
+    if alpha is not None and out_path.lower().endswith('.jpg'):
+        raise ValueError(f'{path}: has an alpha channel, which a JPEG LR cannot keep (use --format png or webp)')
     text = {TEXT_SIZE: f'{width}x{height}', TEXT_SCALE: str(rescaler.ir_scale), TEXT_MODE: info.mode}
-    write_image(out_path, lr[0], alpha=alpha, text=text)
+    write_image(out_path, lr[0], alpha=alpha, text=text, quality=quality)
 
 
 def upscale_file(rescaler, path, out_path, size=None, bit_depth=8):
@@ -318,10 +330,15 @@ def main(argv=None):
     if not files:
         return 1
 
-    ext = getattr(args, 'ext', 'png')
+    ext = getattr(args, 'ext', None) or getattr(args, 'format', 'png')
+    quality = getattr(args, 'quality', None)
     try:
         if ext != 'png' and getattr(args, 'bit_depth', 8) == 16:
             raise UsageError(f'--ext {ext} stores 8 bits per sample; --bit-depth 16 needs --ext png')
+        if quality is not None and (ext == 'png' or not 1 <= quality <= 100):
+            raise UsageError(f'--quality {quality}: needs --format jpg or webp and a value from 1 to 100')
+        if args.command == 'down' and ext != 'png' and quality is None:
+            quality = DEFAULT_LR_QUALITY
         rescaler = build_rescaler(args)
     except (UsageError, OptionsError, CheckpointError) as err:
         _report(err)
@@ -341,7 +358,7 @@ def main(argv=None):
             continue
         try:
             if args.command == 'down':
-                downscale_file(rescaler, path, out_path)
+                downscale_file(rescaler, path, out_path, quality)
             else:
                 upscale_file(rescaler, path, out_path, size=args.size, bit_depth=args.bit_depth)
             written[out_path] = path

@@ -226,24 +226,27 @@ class VQIR(nn.Module):
             res['dec_feat'] = dec_feat
         return res
 
-    def forward(self, x_hr, is_train=True):
+    def forward(self, x_hr, is_train=True, lr_channel=None):
         """HR ``(B, 3, H, W)`` -> dict, with the reference's keys.
 
         Stage 1: ``quant_feat``, ``LR``, ``re_quant_feat`` and, when ``is_train`` is False,
         ``SR``. With ``is_train`` the LR uses noise instead of rounding.
         Stage 2: ``LR``, ``Level_4``, ``Level_2``, ``Level_1``; the LR is always rounded.
+        ``lr_channel``: what happens to the LR between the two passes of the IFRM (e.g. a JPEG),
+        a function of the network-space LR; ``LR`` is the LR before it.
         """
         quant_feat = self.encode(x_hr)
         if self.stage == 1:
             lr = self._features_to_lr(quant_feat, noise=is_train)
-            re_quant_feat = self._lr_to_features(lr)
+            re_quant_feat = self._lr_to_features(lr if lr_channel is None else lr_channel(lr))
             res = {'quant_feat': quant_feat, 'LR': lr, 're_quant_feat': re_quant_feat}
             if not is_train:
                 res['SR'], _ = self._decode(re_quant_feat)
             return res
 
         lr = self._features_to_lr(quant_feat, noise=False)
-        _, dec_feat = self._decode(self._lr_to_features(lr), image=False)  # the MSRM makes the images
+        received = lr if lr_channel is None else lr_channel(lr)
+        _, dec_feat = self._decode(self._lr_to_features(received), image=False)  # the MSRM makes the images
         res = {'LR': lr}
         res.update(self.refine(dec_feat))
         return res

@@ -39,6 +39,7 @@ from torch import nn
 from vqir.inference import Rescaler
 from vqir.models.base_model import VQIRBaseModel
 from vqir.models.ema import ModelEMA
+from vqir.models.lr_jpeg import LRJPEG, check_lr_jpeg_options, real_jpeg
 from vqir.utils.checkpoint import CheckpointError, load_state_dict
 from vqir.utils.options import OptionsError, check_inference_options
 
@@ -122,6 +123,7 @@ class RescalingModel(VQIRBaseModel):
             self.resume_ema()
         self.targets = OrderedDict()
         self._rescaler = None
+        self.val_lr_jpeg_quality = self.val_lr_jpeg_quality_of(self.opt, self.opt.get('opt_path', 'options'))
         if self.is_train:
             self.net_g.train()
             self.init_training_settings()
@@ -241,6 +243,43 @@ class RescalingModel(VQIRBaseModel):
                            f'the batch has {sorted(self.targets)}')
         return self.targets[key]
 
+    @classmethod
+    def check_options(cls, opt, opt_path):
+        """What only the rescaling models read, checked before a run creates anything
+        (``vqir.utils.options.check_components`` calls this hook)."""
+        cls.lr_jpeg_options(opt, opt_path)
+        cls.val_lr_jpeg_quality_of(opt, opt_path)
+
+    @staticmethod
+    def lr_jpeg_options(opt, opt_path):
+        """``train.lr_jpeg`` as (low, high, prob), None without it; OptionsError when invalid."""
+        block = (opt.get('train') or {}).get('lr_jpeg')
+        if block is None:
+            return None
+        try:
+            return check_lr_jpeg_options(block)
+        except ValueError as err:
+            raise OptionsError(f'{opt_path}: option train:lr_jpeg: {err}') from None
+
+    @staticmethod
+    def val_lr_jpeg_quality_of(opt, opt_path):
+        """``val.lr_jpeg_quality``: the JPEG quality validation and test pass the LR through (None: PNG)."""
+        quality = (opt.get('val') or {}).get('lr_jpeg_quality')
+        if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100):
+            raise OptionsError(f'{opt_path}: option val:lr_jpeg_quality must be an integer from 1 to 100, '
+                               f'got {quality!r}')
+        return quality
+
+    def lr_jpeg_channel(self, differentiable):
+        """``train.lr_jpeg`` as a function of the network-space LR (None without the option); see
+        :mod:`vqir.models.lr_jpeg`."""
+        options = self.lr_jpeg_options(self.opt, self.opt.get('opt_path', 'options'))
+        if options is None:
+            return None
+        low, high, prob = options
+        jpeg = LRJPEG((low, high), prob, differentiable=differentiable)
+        return lambda lr: self.to_network(jpeg(self.from_network(lr)))
+
     # ------------------------------------------------------------------ inference
     @property
     def rescaler(self):
@@ -258,12 +297,20 @@ class RescalingModel(VQIRBaseModel):
     def test(self):
         """Downscale ``self.gt`` to its 8-bit LR and rebuild it (any size; see the Rescaler).
 
+        With ``val.lr_jpeg_quality`` the LR goes through a real JPEG of that quality first, and
+        ``LR`` is the decoded JPEG the upscaler received.
+
         ``self.output``: ``LR`` (B, 3, ceil(H/s), ceil(W/s)) and the stage's ``output_keys``, RGB
         in [0, 1] (unclamped), on the device. With ``inference.size_mode: mod_crop`` the outputs
         cover the HR cropped to a multiple of s, and the targets are cropped alike (give the
         dataset ``mod_crop: true`` too, so that ``lq`` is computed from the cropped HR).
         """
-        lr, outputs = self.rescaler.roundtrip(self.gt)
+        lr = self.rescaler.downscale(self.gt)
+        if self.val_lr_jpeg_quality:
+            lr = real_jpeg(lr, self.val_lr_jpeg_quality)  # what a shared LR decodes to
+        size = self.gt.shape[-2:]
+        outputs = self.rescaler.upscale(lr, out_size=self.rescaler.network_size(*size)
+                                        if self.rescaler.size_mode == 'mod_crop' else size)
         self.output = OrderedDict(LR=lr)
         self.output.update((key, outputs[key]) for key in self.kept_outputs(self.opt))
         if self.rescaler.size_mode == 'mod_crop':

@@ -15,6 +15,10 @@ Options: see :mod:`vqir.models.rescaling_base` for the network, weights and infe
     train.optim_g: optimiser of the IFRM (paper: Adam, lr 1e-4, betas [0.9, 0.96]).
     train.mixed_precision: ``bf16`` / ``fp16`` run the frozen VQGAN encoder under autocast (the
         IFRM and the codebook search stay float32); absent or ``fp32``: float32 throughout.
+    train.lr_jpeg: {quality: [low, high], prob}: a differentiable JPEG (kornia) between the IFRM's
+        forward and inverse passes, each sample's quality drawn from the range (see
+        :mod:`vqir.models.lr_jpeg`); the guide loss still compares the LR before it.
+    val.lr_jpeg_quality: validation passes the LR through a real JPEG of this quality.
     train.guide_opt, train.feature_opt, train.gram_opt: the three losses
         (``LRGuidanceLoss``, ``FeatureRecoveryLoss``, ``GramLoss``); a missing one or one with
         ``loss_weight: 0`` is left out.
@@ -56,12 +60,13 @@ class VQIRModel(RescalingModel):
             raise OptionsError(f'{self.opt.get("opt_path", "options")}: option train:optim_g (the IFRM optimiser) is '
                                'required')
         self.optimizer_g = self.build_optimizer('optim_g', self.params_g)
+        self.lr_channel = self.lr_jpeg_channel(differentiable=True)  # gradients reach the IFRM through it
         self.setup_schedulers()
 
     def optimize_parameters(self, current_iter):
         x = self.to_network(self.gt)
         with self.autocast():  # only the frozen encoder runs in low precision; the IFRM stays float32
-            out = self.net_g(x, is_train=True)  # LR with noise instead of rounding
+            out = self.net_g(x, is_train=True, lr_channel=self.lr_channel)  # LR with noise instead of rounding
         loss_dict = OrderedDict()
         for name, loss in self.losses.items():
             if name == 'l_guide':

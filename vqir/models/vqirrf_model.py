@@ -26,6 +26,9 @@ Options: see :mod:`vqir.models.rescaling_base` for the network, weights and infe
     train.mixed_precision: ``bf16`` / ``fp16``: the frozen VQGAN, the MSRM, the LPIPS backbone and
         the discriminator run under autocast (the IFRM and the codebook search stay float32; the
         losses compare in float32); absent or ``fp32``: float32 throughout.
+    train.lr_jpeg: {quality: [low, high], prob}: the LR goes through a real JPEG (quality drawn per
+        sample) before the frozen IFRM's inverse, so the MSRM learns from what a shared LR decodes
+        to (see :mod:`vqir.models.lr_jpeg`); val.lr_jpeg_quality: validation does the same at one quality.
     train.gan_start_iter (default 0): the GAN terms and the discriminator are on from the
         iteration after this one (as in the reference).
     train.net_d_iters (default 1), train.net_d_init_iters (default 0): basicsr's SRGAN schedule:
@@ -92,6 +95,7 @@ class VQIRRFModel(RescalingModel):
             self.saved_networks['net_d'] = self.net_d
             self.params_d = [p for p in self.get_bare_model(self.net_d).parameters() if p.requires_grad]
             self.optimizer_d = self.build_optimizer('optim_d', self.params_d)
+        self.lr_channel = self.lr_jpeg_channel(differentiable=False)  # no gradient reaches the LR in stage 2
         self.setup_schedulers()
 
     def gan_is_on(self, current_iter):
@@ -117,7 +121,7 @@ class VQIRRFModel(RescalingModel):
         if self.net_d is not None:
             self._set_d_requires_grad(False)
         with torch.set_grad_enabled(g_step), self.autocast():
-            out = self.net_g(targets['Level_1'], is_train=True)
+            out = self.net_g(targets['Level_1'], is_train=True, lr_channel=self.lr_channel)
         out = OrderedDict((key, value.float()) for key, value in out.items())  # losses compare in float32
         loss_dict = OrderedDict()
         if g_step:

@@ -67,7 +67,8 @@ class ImageInfo:
         bit_depth: 8 or 16, from the decoded dtype (uint8 / uint16).
         size: (H, W) of the image.
         alpha: (H, W) float32 in [0, 1] for 'rgba', else None.
-        text: PNG text chunks (tEXt / iTXt / zTXt) as {key: value}; empty for other formats.
+        text: PNG text chunks (tEXt / iTXt / zTXt), or the ``key=value`` lines of a JPEG's or WebP's
+            EXIF ImageDescription, as {key: value}; empty otherwise.
         orientation: the file's EXIF orientation (1-8; 1 when it has none), already applied.
     """
     path: str
@@ -95,6 +96,7 @@ def _pil_without_bomb_limit():
 
 # EXIF orientation -> the array operation that shows the image upright (as PIL's exif_transpose)
 _EXIF_ORIENTATION_TAG = 0x0112
+_EXIF_DESCRIPTION_TAG = 0x010E  # ImageDescription: where JPEG and WebP files keep encode_image's text
 _ORIENT = {
     2: lambda a: a[:, ::-1],  # mirrored left-right
     3: lambda a: a[::-1, ::-1],  # rotated 180
@@ -114,12 +116,28 @@ def _exif_orientation(img):
     return value if value in _ORIENT else 1
 
 
+def _exif_text(img):
+    """{key: value} from the ``key=value`` lines of a JPEG's or WebP's EXIF ImageDescription (what
+    :func:`encode_image` writes there); {} for a description of another kind or none."""
+    try:
+        description = img.getexif().get(_EXIF_DESCRIPTION_TAG)
+    except Exception:  # a malformed EXIF block is not a reason to refuse the pixels
+        return {}
+    if not isinstance(description, str):
+        return {}
+    pairs = [line.split('=', 1) for line in description.splitlines() if '=' in line]
+    return {key: value for key, value in pairs if key}
+
+
 def _read_header(data):
-    """(format, (H, W), text chunks, EXIF orientation) from the header alone, or (None, None, {}, 1)
-    if PIL cannot identify it."""
+    """(format, (H, W), text, EXIF orientation) from the header alone, or (None, None, {}, 1) if PIL
+    cannot identify it. The text: a PNG's text chunks, a JPEG's or WebP's EXIF key=value lines."""
     try:
         with _pil_without_bomb_limit(), Image.open(io.BytesIO(data)) as img:
-            text = {str(k): str(v) for k, v in img.info.items() if isinstance(v, str)} if img.format == 'PNG' else {}
+            if img.format == 'PNG':
+                text = {str(k): str(v) for k, v in img.info.items() if isinstance(v, str)}
+            else:
+                text = _exif_text(img) if img.format in ('JPEG', 'WEBP') else {}
             return img.format, (img.height, img.width), text, _exif_orientation(img)
     except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error):
         # PIL does not know every format OpenCV decodes (and vice versa); the decoder decides
@@ -266,6 +284,49 @@ def _insert_png_text(png, text):
     return png[:ihdr_end] + b''.join(_png_text_chunk(k, v) for k, v in text.items()) + png[ihdr_end:]
 
 
+def _exif_with_text(text):
+    """EXIF (TIFF) data whose ImageDescription holds ``text`` as key=value lines."""
+    for key, value in text.items():
+        if not key or '=' in key or '\n' in f'{key}{value}':
+            raise ValueError(f'text for EXIF needs keys without "=" and no line breaks, got {key!r}: {value!r}')
+    exif = Image.Exif()
+    exif[_EXIF_DESCRIPTION_TAG] = '\n'.join(f'{k}={v}' for k, v in text.items())
+    data = exif.tobytes()
+    return data[len(b'Exif\0\0'):] if data.startswith(b'Exif\0\0') else data
+
+
+def _insert_jpeg_exif(jpeg, text):
+    """An APP1 Exif segment right after the SOI marker (where EXIF readers look)."""
+    payload = b'Exif\0\0' + _exif_with_text(text)
+    return jpeg[:2] + b'\xff\xe1' + struct.pack('>H', len(payload) + 2) + payload + jpeg[2:]
+
+
+def _riff_chunk(fourcc, payload):
+    return fourcc + struct.pack('<I', len(payload)) + payload + (b'\0' if len(payload) % 2 else b'')
+
+
+def _insert_webp_exif(webp, text, width, height, has_alpha):
+    """The WebP as an extended file (a VP8X chunk with the EXIF flag) with an EXIF chunk at its end.
+
+    OpenCV writes the simple format (one VP8 / VP8L chunk), or VP8X + ALPH + VP8 with alpha."""
+    chunks = []
+    offset = 12
+    while offset + 8 <= len(webp):
+        fourcc, size = webp[offset:offset + 4], struct.unpack('<I', webp[offset + 4:offset + 8])[0]
+        chunks.append((fourcc, webp[offset + 8:offset + 8 + size]))
+        offset += 8 + size + size % 2
+    if chunks and chunks[0][0] == b'VP8X':
+        flags = chunks[0][1][0] | 0x08
+        vp8x = bytes([flags]) + chunks[0][1][1:]
+        chunks = chunks[1:]
+    else:
+        flags = 0x08 | (0x10 if has_alpha else 0)
+        vp8x = bytes([flags, 0, 0, 0]) + (width - 1).to_bytes(3, 'little') + (height - 1).to_bytes(3, 'little')
+    body = b'WEBP' + _riff_chunk(b'VP8X', vp8x) + b''.join(_riff_chunk(f, p) for f, p in chunks)
+    body += _riff_chunk(b'EXIF', _exif_with_text(text))
+    return b'RIFF' + struct.pack('<I', len(body)) + body
+
+
 def encode_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None, png_compression=None, quality=None):
     """Encode an RGB image in [0, 1] (values outside are clamped) as the bytes of an image file.
 
@@ -279,7 +340,8 @@ def encode_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None, png
             resized one).
         bit_depth: 8 or 16.
         alpha: (H, W) float array in [0, 1]; overrides ``info.alpha``.
-        text: {key: value} PNG text chunks (PNG only).
+        text: {key: value} to store in the file: PNG text chunks, or ``key=value`` lines in the
+            EXIF ImageDescription of a JPEG or WebP (read back into ``ImageInfo.text``).
         png_compression: zlib level 0-9 for PNG (None: OpenCV's default); pixels are the same.
         quality: 1-100 for JPEG and WebP (None: OpenCV's defaults, 95 and lossless-near 100).
 
@@ -304,8 +366,8 @@ def encode_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None, png
         raise ImageWriteError(f'{path}: {ext} cannot store 16 bits per sample (use .png or .tif)')
     if alpha is not None and ext not in ('.png', '.tif', '.tiff', '.webp'):
         raise ImageWriteError(f'{path}: {ext} cannot store an alpha channel (use .png)')
-    if text and ext != '.png':
-        raise ImageWriteError(f'{path}: text chunks can only be stored in .png files')
+    if text and ext not in ('.png', '.jpg', '.jpeg', '.webp'):
+        raise ImageWriteError(f'{path}: text can be stored in .png, .jpg and .webp files only')
     params = []
     if png_compression is not None:
         if ext != '.png' or not 0 <= png_compression <= 9:
@@ -336,7 +398,15 @@ def encode_image(path, rgb01, info=None, bit_depth=8, alpha=None, text=None, png
         raise ImageWriteError(f'{path}: OpenCV cannot encode {ext} images')
     data = encoded.tobytes()
     if text:
-        data = _insert_png_text(data, text)
+        try:
+            if ext == '.png':
+                data = _insert_png_text(data, text)
+            elif ext == '.webp':
+                data = _insert_webp_exif(data, text, img.shape[1], img.shape[0], alpha is not None)
+            else:
+                data = _insert_jpeg_exif(data, text)
+        except ValueError as err:
+            raise ImageWriteError(f'{path}: {err}') from None
     return data
 
 

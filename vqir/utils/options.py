@@ -50,15 +50,16 @@ KNOWN_PATH_KEYS = {'resume_state', 'root', 'ignore_resume_networks', 'results_ro
 DERIVED_PATH_KEYS = ('models', 'training_states', 'log', 'visualization')
 KNOWN_LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb', 'pbar'}
 KNOWN_WANDB_KEYS = ('project', 'entity', 'resume_id')
-KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images'}
+KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images', 'lr_jpeg_quality'}
 # train: besides these, optimisers (optim_*) and losses (*_opt)
 KNOWN_TRAIN_KEYS = {'total_iter', 'warmup_iter', 'scheduler', 'max_bad_steps', 'grad_clip_norm',
                     'codebook_restart_every', 'gan_start_iter', 'net_d_iters', 'net_d_init_iters',
-                    'mixed_precision', 'ema_decay'}
+                    'mixed_precision', 'ema_decay', 'lr_jpeg'}
 # train keys that some models alone read; in another model's file they would be ignored silently
 MODEL_TRAIN_KEYS = {'codebook_restart_every': ('VQGANModel', ), 'gan_start_iter': ('VQIRRFModel', ),
                     'net_d_iters': ('VQIRRFModel', ), 'net_d_init_iters': ('VQIRRFModel', ),
-                    'ema_decay': ('VQIRModel', 'VQIRRFModel')}
+                    'ema_decay': ('VQIRModel', 'VQIRRFModel'), 'lr_jpeg': ('VQIRModel', 'VQIRRFModel')}
+MODEL_VAL_KEYS = {'lr_jpeg_quality': ('VQIRModel', 'VQIRRFModel')}
 # train.mixed_precision -> autocast dtype (None: float32 throughout)
 MIXED_PRECISION = OrderedDict([('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)])
 
@@ -159,6 +160,9 @@ def check_options(opt, opt_path, is_train):
             _expect(isinstance(opt[section], dict), opt_path, section, 'must be a mapping')
             for key in opt[section]:
                 _expect(key in known, opt_path, f'{section}:{key}', f'is not a known {section} key ({", ".join(sorted(known))})')
+    for key, owners in MODEL_VAL_KEYS.items():
+        _expect(key not in (opt.get('val') or {}) or opt.get('model_type') in owners, opt_path, f'val:{key}',
+                f'is read only by {" and ".join(owners)}; {opt.get("model_type")} would ignore it')
     _check_wandb((opt.get('logger') or {}).get('wandb'), (opt.get('logger') or {}).get('use_tb_logger'), opt_path)
     if is_train:
         train = opt.get('train')
@@ -274,6 +278,8 @@ def check_components(opt, opt_path):
         elif key.endswith('_opt'):
             loss = _registered(LOSS_REGISTRY, 'loss', block['type'], opt_path, f'train:{key}:type')
             _check_arguments(loss, block, opt_path, f'train:{key}')
+    if hasattr(model, 'check_options'):  # what only this model reads, checked where the model is
+        model.check_options(opt, opt_path)
     image_names = model.image_names(opt) if hasattr(model, 'image_names') else None
     _check_metrics(opt.get('val') or {}, opt_path, opt['model_type'], image_names)
     check_inference_options(opt, opt_path)
