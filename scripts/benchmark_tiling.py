@@ -146,9 +146,10 @@ def main():
             print(f"{mode:10s} {direction:9s} {r['tiles']:5d} {r['seconds']:8.1f} {r['cpu_seconds']:8.1f} "
                   f"{r['base_bytes'] / 1e9:8.2f} {r['peak_bytes'] / 1e9:8.2f}", flush=True)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(dict(size=args.size, scale=args.scale, threads=args.threads, device=args.device,
-                           tile_overlap=args.tile_overlap, results=results), f, indent=1)
+        from vqir.utils.atomic_file import atomic_write_bytes  # here: the parent process measures no network
+        payload = dict(size=args.size, scale=args.scale, threads=args.threads, device=args.device,
+                       tile_overlap=args.tile_overlap, results=results)
+        atomic_write_bytes(args.json, json.dumps(payload, indent=1).encode('utf-8'))
 
 
 if __name__ == '__main__':
