@@ -223,3 +223,30 @@ def test_metrics_table_rows_columns_and_order(tmp_path, capsys):
     os.makedirs(tmp_path / 'photos')
     assert table.main([str(tmp_path / 'photos')]) == 1
     assert capsys.readouterr().err.strip() == f'error: {tmp_path / "photos"}: no options.yml (not the results folder of a vqir/test.py run)'
+
+
+def test_set_level_entries_share_features_and_skip_pairs_without_a_target(monkeypatch):
+    """FID and KID of the same images compute each image's features once; a pair whose target is
+    missing (a test set without lq, say) is left out of that entry only."""
+    calls = []
+
+    def features(img, crop, order, device):  # a constant vector: the image's mean
+        calls.append(float(img.mean()))
+        return torch.full((2048, ), float(img.mean()))
+
+    monkeypatch.setattr(fid_metric, 'inception_features', features)
+    sets = fid_metric.InceptionFeatureSets({
+        'psnr': {'type': 'calculate_psnr', 'output': 'SR', 'target': 'gt'},
+        'fid': {'type': 'calculate_fid', 'output': 'SR', 'target': 'gt'},
+        'kid': {'type': 'calculate_kid', 'output': 'SR', 'target': 'gt'},
+        'fid_lr': {'type': 'calculate_fid', 'output': 'LR', 'target': 'lq'},
+    })
+    assert list(sets.entries) == ['fid', 'kid', 'fid_lr']
+    for value in (10, 20, 30):
+        img = np.full((8, 8, 3), value, np.uint8)
+        sets.add({'SR': img, 'gt': img + 1, 'LR': img})  # no lq
+    assert len(calls) == 6  # SR and gt of three images, once for FID and KID together
+    values = sets.compute()
+    assert [len(sets.features[name][0]) for name in ('fid', 'kid', 'fid_lr')] == [3, 3, 0]
+    assert values['fid'] == pytest.approx(2048.0, rel=1e-3)  # every feature differs by 1: |mu1 - mu2|^2
+    assert math.isnan(values['fid_lr'])

@@ -162,33 +162,27 @@ class InceptionFeatureSets:
 
     def __init__(self, metric_opts):
         self.entries = OrderedDict((name, opt) for name, opt in metric_opts.items() if is_set_level(opt['type']))
-        self.features = {}  # (image name, crop border, input order) -> [features]
-
-    def _keys(self, opt):
-        crop, order = opt.get('crop_border', 0), opt.get('input_order', 'HWC')
-        return (opt['output'], crop, order), (opt['target'], crop, order)
+        self.features = {name: ([], []) for name in self.entries}  # name -> (output features, target features)
 
     def add(self, images):
-        """Add the features of one image pair per entry ({name: image}; missing names are skipped)."""
-        done = set()
-        for opt in self.entries.values():
-            for key in self._keys(opt):
-                name, crop, order = key
-                if key in done or name not in images:
-                    continue
-                done.add(key)
-                self.features.setdefault(key, []).append(
-                    inception_features(images[name], crop, order, opt.get('device')))
+        """Add one image pair to every entry whose output and target are both in ``images``
+        ({name: image}); the features of an image are computed once for all entries."""
+        computed = {}
+        for name, opt in self.entries.items():
+            crop, order = opt.get('crop_border', 0), opt.get('input_order', 'HWC')
+            if opt['output'] not in images or opt['target'] not in images:
+                continue  # as for the per-image metrics: a pair without its target is left out
+            for side, image_name in enumerate((opt['output'], opt['target'])):
+                key = (image_name, crop, order)
+                if key not in computed:
+                    computed[key] = inception_features(images[image_name], crop, order, opt.get('device'))
+                self.features[name][side].append(computed[key])
 
     def compute(self):
-        """{metric name: value} over everything added (NaN with fewer than two images)."""
+        """{metric name: value} over everything added (NaN with fewer than two pairs)."""
         values = OrderedDict()
         for name, opt in self.entries.items():
-            output, target = (self.features.get(key, []) for key in self._keys(opt))
-            if len(output) != len(target):
-                raise ValueError(f'metric {name}: {len(output)} {opt["output"]} images but {len(target)} '
-                                 f'{opt["target"]} images')
-            sets = [torch.stack(f) if f else torch.zeros(0, 2048) for f in (output, target)]
+            sets = [torch.stack(f) if f else torch.zeros(0, 2048) for f in self.features[name]]
             if opt['type'] == 'calculate_fid':
                 values[name] = fid_from_features(*sets)
             else:
