@@ -1,6 +1,8 @@
 """read_image / write_image / list_images: modes, bit depths, text chunks, and every bad file."""
+import glob
 import os
 import struct
+import tempfile
 import zlib
 
 import cv2
@@ -120,15 +122,18 @@ def test_bad_files_give_one_clear_error(tmp_path, rgb_u8):
         (_bad(tmp_path, 'cut.png', png[:len(png) // 2]), 'truncated PNG'),
         (_bad(tmp_path, 'cut.jpg', jpg[:len(jpg) // 2]), 'JPEG data cannot be decoded'),
         (_bad(tmp_path, 'bomb.png', _png_header_only(100000, 100000) + png[33:]), 'decompression bomb'),
-        # a format PIL does not read, whose header OpenCV refuses by asserting
+        # floating-point formats are refused before decoding (OpenCV would leave a temporary file)
         (_bad(tmp_path, 'bomb.hdr', b'#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 100000 +X 100000\n' + bytes(64)),
-         'decompression bomb'),
+         'Radiance HDR images are not read'),
     ]
+    leftovers = set(glob.glob(os.path.join(tempfile.gettempdir(), '__opencv_temp.*')))
     for path, message in cases:
         with pytest.raises(ImageReadError) as err:
             read_image(path)
         text = str(err.value)
         assert text.startswith(path + ': ') and message in text and '\n' not in text, text
+    # nothing left behind by the decoder (OpenCV's temporary files of formats it cannot decode in memory)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), '__opencv_temp.*'))) <= leftovers
 
 
 def test_png_with_bytes_after_its_end_chunk_is_read(tmp_path, rgb_u8):

@@ -47,6 +47,8 @@ _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # the IEND chunk: zero length, type, CRC
 _PNG_END_CHUNK = b'\x00\x00\x00\x00IEND\xaeB\x60\x82'
 _MAX_VALUE = {np.dtype(np.uint8): 255., np.dtype(np.uint16): 65535.}
+_FLOAT_FORMATS = ((b'#?RADIANCE', 'Radiance HDR'), (b'#?RGBE', 'Radiance HDR'), (b'PF\n', 'PFM'), (b'Pf\n', 'PFM'),
+                  (b'v/1\x01', 'OpenEXR'))
 
 
 class ImageReadError(InputError, ValueError):
@@ -205,6 +207,12 @@ def decode_image(data, path, max_pixels=DEFAULT_MAX_PIXELS):
     file_format, size, text, orientation = _read_header(data)
     if size is not None:
         _check_pixels(path, size, max_pixels)
+    # floating-point formats decode to float32, which is refused below anyway; OpenCV decodes
+    # them through a temporary file that it leaves behind when the header is refused
+    for signature, name in _FLOAT_FORMATS:
+        if data.startswith(signature):
+            raise ImageReadError(f'{path}: {name} images are not read (floating-point samples; 8- and 16-bit '
+                                 'integer images are)')
     # libpng hands back the rows it got from a cut-off file without an error; bytes after the
     # end chunk (some tools append data) are harmless and decoders ignore them
     if data.startswith(_PNG_SIGNATURE) and _PNG_END_CHUNK not in data:
