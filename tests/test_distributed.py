@@ -86,7 +86,9 @@ def torchrun(script, script_args, nproc, timeout, cwd):
     """Run ``python -m torch.distributed.run`` (what the torchrun command runs) on this machine."""
     command = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--nnodes=1',
                '--master_addr=127.0.0.1', f'--master_port={free_port()}', script, *script_args]
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    # TMPDIR: torchrun leaves a torchelastic_* folder in the temporary folder; keep it in the test's own
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+               TMPDIR=str(cwd))
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           cwd=cwd) as proc:
         try:
