@@ -48,7 +48,7 @@ def measure_photo(rescaler, hr01, codecs=CODECS):
     """{codec label: {metric: value}} for one photo, (H, W, 3) RGB float in [0, 1]."""
     hr = torch.from_numpy(np.ascontiguousarray(hr01.transpose(2, 0, 1)))[None]
     lr = rescaler.downscale(hr)
-    out_size = rescaler.network_size(*hr.shape[-2:]) if rescaler.size_mode == 'mod_crop' else hr.shape[-2:]
+    out_size = rescaler.output_size(*hr.shape[-2:])
     target = _uint8_bgr(hr01[:out_size[0], :out_size[1]])
     png_codes = rescaler.codes(lr)
     png_lr = _uint8_bgr(lr)

@@ -481,6 +481,11 @@ class Rescaler:
             return height // s * s, width // s * s
         return math.ceil(height / s) * s, math.ceil(width / s) * s
 
+    def output_size(self, height, width):
+        """(H, W) of the reconstruction of a ``height x width`` input: its own size, or with
+        'mod_crop' the size cropped to a multiple of the scale."""
+        return self.network_size(height, width) if self.size_mode == 'mod_crop' else (height, width)
+
     def _fit(self, x):
         """Pad (reflect, bottom/right) or crop ``(B, 3, H, W)`` to multiples of ir_scale."""
         height, width = x.shape[-2:]
@@ -605,5 +610,4 @@ class Rescaler:
         """HR ``(B, 3, H, W)`` -> (LR, outputs of :meth:`upscale`) with outputs of the input's size
         (of the cropped size with 'mod_crop')."""
         lr = self.downscale(hr)
-        out_size = self.network_size(*hr.shape[-2:]) if self.size_mode == 'mod_crop' else hr.shape[-2:]
-        return lr, self.upscale(lr, out_size=out_size)
+        return lr, self.upscale(lr, out_size=self.output_size(*hr.shape[-2:]))

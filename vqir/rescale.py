@@ -260,8 +260,7 @@ def downscale_file(rescaler, path, out_path, quality=None):
     except ValueError as err:
         raise ValueError(f'{path}: {err}') from None
     alpha = _alpha_down(info.alpha, rescaler) if info.alpha is not None else None
-    if rescaler.size_mode == 'mod_crop':
-        height, width = rescaler.network_size(height, width)
+    height, width = rescaler.output_size(height, width)
     if alpha is not None and out_path.lower().endswith('.jpg'):
         raise ValueError(f'{path}: has an alpha channel, which a JPEG LR cannot keep (use --format png or webp)')
     text = {TEXT_SIZE: f'{width}x{height}', TEXT_SCALE: str(rescaler.ir_scale), TEXT_MODE: info.mode}

@@ -26,7 +26,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 
-from vqir.metrics.metric_util import SHARED_METRIC_OPTIONS
+from vqir.metrics.metric_util import check_shared_options
 from vqir.utils.checkpoint import load_state_dict
 from vqir.utils.hub_weights import hub_weights_path
 
@@ -118,7 +118,7 @@ def calculate_fid(img, img2, crop_border=0, input_order='HWC', device=None, **kw
         crop_border, input_order, device: as :func:`inception_features`.
         **kwargs: only the options basicsr passes to every metric ('better', 'test_y_channel').
     """
-    _check_shared(kwargs, 'calculate_fid')
+    check_shared_options('calculate_fid', kwargs)
     return fid_from_features(*_feature_sets(img, img2, crop_border, input_order, device))
 
 
@@ -126,14 +126,8 @@ def calculate_fid(img, img2, crop_border=0, input_order='HWC', device=None, **kw
 def calculate_kid(img, img2, crop_border=0, input_order='HWC', device=None, subsets=KID_SUBSETS,
                   subset_size=KID_SUBSET_SIZE, **kwargs):
     """KID between the set of outputs ``img`` and the set of targets ``img2`` (as :func:`calculate_fid`)."""
-    _check_shared(kwargs, 'calculate_kid')
+    check_shared_options('calculate_kid', kwargs)
     return kid_from_features(*_feature_sets(img, img2, crop_border, input_order, device), subsets, subset_size)
-
-
-def _check_shared(kwargs, metric):
-    unknown = sorted(set(kwargs) - set(SHARED_METRIC_OPTIONS))
-    if unknown:
-        raise TypeError(f'{metric} got unknown option(s) {unknown}.')
 
 
 def _required_weights(**kwargs):

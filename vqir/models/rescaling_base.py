@@ -308,9 +308,7 @@ class RescalingModel(VQIRBaseModel):
         lr = self.rescaler.downscale(self.gt)
         if self.val_lr_jpeg_quality:
             lr = real_jpeg(lr, self.val_lr_jpeg_quality)  # what a shared LR decodes to
-        size = self.gt.shape[-2:]
-        outputs = self.rescaler.upscale(lr, out_size=self.rescaler.network_size(*size)
-                                        if self.rescaler.size_mode == 'mod_crop' else size)
+        outputs = self.rescaler.upscale(lr, out_size=self.rescaler.output_size(*self.gt.shape[-2:]))
         self.output = OrderedDict(LR=lr)
         self.output.update((key, outputs[key]) for key in self.kept_outputs(self.opt))
         if self.rescaler.size_mode == 'mod_crop':
