@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo/demo.py
 
 clean-demo:
 	rm -rf experiments/demo_* results/demo* datasets/demo tb_logger/demo_*

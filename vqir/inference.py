@@ -51,24 +51,28 @@ reference's threshold, 2048 x 1024), forced with ``tile=N``, disabled with ``til
   blending; blending turns the per-tile differences into smooth transitions instead of seams.
 """
 import copy
+import inspect
 import math
 import re
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.nn.functional as F
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from vqir.archs.lr_quantizer import quantize_lr
+from vqir.archs.vqir_arch import VQGAN_DOWNSAMPLE_FACTOR
+from vqir.tiling import Tile, TileBlender, tile_spans
 from vqir.utils.checkpoint import CheckpointError, load_state_dict, load_weights
 from vqir.utils.errors import InputError
+from vqir.utils.img_util import check_network_color, from_network, pad_to_multiple, to_network
+from vqir.utils.options import OptionsError, did_you_mean
 
 __all__ = [
     'Rescaler', 'NetworkOptionsError', 'official_network_options', 'inspect_vqir_weights', 'vqir_stage_and_scale', 'DEFAULT_AUTO_TILE_PIXELS',
-    'INFERENCE_KEYS'
+    'INFERENCE_KEYS', 'inference_options', 'check_inference_options', 'check_rescaler_settings'
 ]
 
 # The Rescaler keyword arguments that the ``inference:`` block of an options file may set.
@@ -80,8 +84,6 @@ DEFAULT_AUTO_TILE_PIXELS = 2048 * 1024
 AUTO_TILE_FRACTION = 2
 # The reference enlarges every tile by 128 HR pixels on each side.
 DEFAULT_TILE_OVERLAP = 128
-# The VQGAN encoder/decoder work at 1/16 of the image: context must be whole feature pixels.
-VQGAN_FACTOR = 16
 
 # Network of the released models (reference options test_vqir_stage2.yml); ir_scale and stage are added.
 _OFFICIAL_NETWORK = OrderedDict(
@@ -163,6 +165,65 @@ def _build_network(net_opt, uninitialised=False):
         raise NetworkOptionsError(message) from None
 
 
+def check_rescaler_settings(ir_scale, tile, tile_overlap, size_mode, network_color, half, bf16, auto_tile_pixels,
+                            compile, device_type):  # noqa: A002
+    """ValueError naming the first :class:`Rescaler` setting that cannot work on a ``device_type``
+    device. ``tile_overlap`` must be whole VQGAN feature pixels: the encoder and decoder work on
+    16x16 pixel blocks."""
+    if ir_scale not in (16, 32):
+        raise ValueError(f'ir_scale must be 16 or 32, got {ir_scale!r}')
+    if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 0 or tile % ir_scale):
+        below = max(ir_scale, (tile // ir_scale) * ir_scale) if isinstance(tile, int) else ir_scale
+        raise ValueError(f'tile={tile!r}: must be 0 (never tile) or a positive multiple of ir_scale {ir_scale} '
+                         f'(e.g. {below} or {below + ir_scale})')
+    if not isinstance(tile_overlap, int) or isinstance(tile_overlap, bool) or tile_overlap < 0 or \
+            tile_overlap % VQGAN_DOWNSAMPLE_FACTOR:
+        raise ValueError(f'tile_overlap={tile_overlap!r}: must be a non-negative multiple of {VQGAN_DOWNSAMPLE_FACTOR} '
+                         '(the VQGAN works on 16x16 pixel blocks)')
+    if size_mode not in ('pad', 'mod_crop'):
+        raise ValueError(f"size_mode must be 'pad' or 'mod_crop', got {size_mode!r}")
+    check_network_color(network_color)
+    if not isinstance(auto_tile_pixels, int) or auto_tile_pixels <= 0:
+        raise ValueError(f'auto_tile_pixels must be a positive integer, got {auto_tile_pixels!r}')
+    if half and bf16:
+        raise ValueError('choose one of half (fp16) and bf16')
+    if half and device_type != 'cuda':
+        raise ValueError(f'half precision (fp16) needs a CUDA device; running on {device_type}')
+    if not isinstance(compile, (bool, str)):
+        raise ValueError(f'compile must be true, false or a torch.compile backend name, got {compile!r}')
+
+
+def inference_options(opt, opt_path):
+    """The ``inference`` block of the options ``opt`` (read from ``opt_path``) as a dict of
+    :class:`Rescaler` keyword arguments; OptionsError for a block that is not a mapping of known keys."""
+    inference = opt.get('inference')
+    if inference is None:
+        return {}
+    if not isinstance(inference, dict):
+        raise OptionsError(f'{opt_path}: option inference must be a mapping')
+    for key in inference:
+        if key not in INFERENCE_KEYS:
+            raise OptionsError(f'{opt_path}: option inference:{key} is not a known inference key'
+                               f'{did_you_mean(key, INFERENCE_KEYS)}: known are {", ".join(INFERENCE_KEYS)}')
+    return dict(inference)
+
+
+def check_inference_options(opt, opt_path, ir_scale):
+    """:func:`inference_options`, with settings that can run at ``ir_scale`` on this machine
+    (``num_gpu: 0`` or no CUDA device: the CPU), checked before a run creates anything."""
+    inference = inference_options(opt, opt_path)
+    settings = {name: p.default for name, p in inspect.signature(Rescaler).parameters.items()
+                if p.default is not p.empty and name not in ('ir_scale', 'device', 'decoder_image')}
+    settings.update(inference, network_color=opt.get('network_color', 'rgb'))
+    settings.pop('decoder_image', None)  # any value works
+    device_type = 'cuda' if opt.get('num_gpu') != 0 and torch.cuda.is_available() else 'cpu'
+    try:
+        check_rescaler_settings(ir_scale, device_type=device_type, **settings)
+    except ValueError as err:
+        raise OptionsError(f'{opt_path}: option inference: {err}') from None
+    return inference
+
+
 def _resolve_device(device):
     if device is None or device == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -170,89 +231,6 @@ def _resolve_device(device):
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {device} asked for, but CUDA is not available')
     return device
-
-
-def _span_starts(length, tile, align):
-    """Core spans [(start, end)] covering [0, length), multiples of ``align``, each at most ``tile``.
-
-    ``length`` is a multiple of ``align``. Spans are as even as possible (sizes differ by at most
-    ``align``; the larger ones last, as in the reference).
-    """
-    if not tile or tile >= length:
-        return [(0, length)]
-    units, tile_units = length // align, tile // align
-    count = math.ceil(units / tile_units)
-    base, extra = divmod(units, count)
-    spans, start = [], 0
-    for i in range(count):
-        size = (base + (1 if i >= count - extra else 0)) * align
-        spans.append((start, start + size))
-        start += size
-    return spans
-
-
-def _ramp(t):
-    """Raised cosine: 0 for t <= 0, 1 for t >= 1; ramp(t) + ramp(1 - t) = 1."""
-    t = t.clamp(0., 1.)
-    return 0.5 - 0.5 * torch.cos(math.pi * t)
-
-
-def _blend_weights_1d(core, ext, length, overlap, factor, device):
-    """Weights of one tile along one axis, at resolution 1/factor, over its extended span ``ext``.
-
-    Pixel j (of the 1/factor grid) covers HR coordinates [j*factor, (j+1)*factor); its weight is
-    taken at the pixel centre. 1 inside the core away from neighbours; a raised-cosine ramp over
-    ``[boundary - overlap/2, boundary + overlap/2]`` at every boundary with a neighbouring core;
-    0 beyond (the outer half of the context). Without overlap: 1 inside the core, 0 outside.
-    """
-    (c0, c1), (e0, e1) = core, ext
-    centres = (torch.arange(e0 // factor, e1 // factor, device=device, dtype=torch.float32) + 0.5) * factor
-    if overlap == 0:
-        return ((centres >= c0) & (centres < c1)).float()
-    weight = torch.ones_like(centres)
-    if c0 > 0:
-        weight = weight * _ramp((centres - (c0 - overlap / 2)) / overlap)
-    if c1 < length:
-        weight = weight * _ramp(((c1 + overlap / 2) - centres) / overlap)
-    return weight
-
-
-class _Tile:
-    """One tile: its core and extended (core + context) spans in HR pixels of the padded image."""
-
-    def __init__(self, core_y, core_x, ext_y, ext_x):
-        self.core_y, self.core_x, self.ext_y, self.ext_x = core_y, core_x, ext_y, ext_x
-
-    def region(self, factor):
-        """Slices of the extended span at resolution 1/factor."""
-        return (slice(self.ext_y[0] // factor, self.ext_y[1] // factor),
-                slice(self.ext_x[0] // factor, self.ext_x[1] // factor))
-
-
-class _Blender:
-    """Accumulates tile outputs ``(B, C, h, w)`` at resolution 1/factor with blending weights."""
-
-    def __init__(self, size, overlap):
-        self.size, self.overlap = size, overlap  # padded HR (H, W)
-        self.sums = OrderedDict()  # name -> (weighted sum, weight sum, factor)
-
-    def add(self, name, tile, out, factor):
-        height, width = self.size
-        wy = _blend_weights_1d(tile.core_y, tile.ext_y, height, self.overlap, factor, out.device)
-        wx = _blend_weights_1d(tile.core_x, tile.ext_x, width, self.overlap, factor, out.device)
-        weight = wy[:, None] * wx[None, :]
-        if name not in self.sums:
-            b, c = out.shape[:2]
-            self.sums[name] = (out.new_zeros((b, c, height // factor, width // factor), dtype=torch.float32),
-                               out.new_zeros((height // factor, width // factor), dtype=torch.float32), factor)
-        total, weight_sum, _ = self.sums[name]
-        ys, xs = tile.region(factor)
-        total[:, :, ys, xs] += out.float() * weight
-        weight_sum[ys, xs] += weight
-
-    def result(self):
-        # every pixel lies in exactly one core, where its tile's weight is positive
-        return OrderedDict((name, total / weight_sum) for name, (total, weight_sum, _) in self.sums.items())
 
 
 class Rescaler:
@@ -313,48 +291,25 @@ class Rescaler:
         net_scale = getattr(net, 'ir_scale', None)
         if ir_scale is None:
             ir_scale = net_scale
-        if ir_scale not in (16, 32):
-            raise ValueError(f'ir_scale must be 16 or 32, got {ir_scale!r}')
+        if device is None:
+            param = next(net.parameters(), None)
+            self.device = param.device if param is not None else torch.device('cpu')
+        else:
+            self.device = _resolve_device(device)
+        check_rescaler_settings(ir_scale, tile, tile_overlap, size_mode, network_color, half, bf16, auto_tile_pixels,
+                                compile, self.device.type)
         if net_scale is not None and net_scale != ir_scale:
             raise ValueError(f'ir_scale {ir_scale} does not match the network, which rescales by {net_scale}')
         self.ir_scale = ir_scale
-
-        if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 0 or
-                                 tile % ir_scale):
-            below = max(ir_scale, (tile // ir_scale) * ir_scale) if isinstance(tile, int) else ir_scale
-            raise ValueError(f'tile={tile!r}: must be 0 (never tile) or a positive multiple of ir_scale {ir_scale} '
-                             f'(e.g. {below} or {below + ir_scale})')
-        if not isinstance(tile_overlap, int) or isinstance(tile_overlap, bool) or tile_overlap < 0 or \
-                tile_overlap % VQGAN_FACTOR:
-            raise ValueError(f'tile_overlap={tile_overlap!r}: must be a non-negative multiple of {VQGAN_FACTOR} '
-                             '(the VQGAN works on 16x16 pixel blocks)')
-        if size_mode not in ('pad', 'mod_crop'):
-            raise ValueError(f"size_mode must be 'pad' or 'mod_crop', got {size_mode!r}")
-        if network_color not in ('rgb', 'bgr'):
-            raise ValueError(f"network_color must be 'rgb' or 'bgr', got {network_color!r}")
-        if not isinstance(auto_tile_pixels, int) or auto_tile_pixels <= 0:
-            raise ValueError(f'auto_tile_pixels must be a positive integer, got {auto_tile_pixels!r}')
         self.tile = tile
         self.tile_overlap = tile_overlap
         self.size_mode = size_mode
         self.network_color = network_color
         self.auto_tile_pixels = auto_tile_pixels
         self.decoder_image = self.stage == 1 or bool(decoder_image)
-
-        if device is None:
-            param = next(net.parameters(), None)
-            self.device = param.device if param is not None else torch.device('cpu')
-        else:
-            self.device = _resolve_device(device)
-        if half and bf16:
-            raise ValueError('choose one of half (fp16) and bf16')
-        if half and self.device.type != 'cuda':
-            raise ValueError(f'half precision (fp16) needs a CUDA device; running on {self.device}')
         self.half = half
         self.bf16 = bf16
         self.net = net.to(self.device) if device is not None else net
-        if not isinstance(compile, (bool, str)):
-            raise ValueError(f'compile must be true, false or a torch.compile backend name, got {compile!r}')
         self.compile = compile
         # the full-resolution parts, compiled on request (the same modules: weights stay shared)
         parts = [net.encoder, net.decoder, getattr(net, 'refine', None)]
@@ -430,13 +385,10 @@ class Rescaler:
         return nullcontext()
 
     def _to_network(self, img01):
-        x = img01.to(self.device, torch.float32) * 2 - 1
-        return x.flip(1) if self.network_color == 'bgr' else x
+        return to_network(img01.to(self.device, torch.float32), self.network_color)
 
     def _from_network(self, x):
-        x = x.float()
-        x = x.flip(1) if self.network_color == 'bgr' else x
-        return (x + 1) / 2
+        return from_network(x.float(), self.network_color)
 
     def _check_images(self, img, what):
         if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[1] != 3:
@@ -464,11 +416,11 @@ class Rescaler:
         tile = self.tile_size(height, width)
         overlap = self.tile_overlap
         tiles = []
-        for core_y in _span_starts(height, tile, self.ir_scale):
-            for core_x in _span_starts(width, tile, self.ir_scale):
+        for core_y in tile_spans(height, tile, self.ir_scale):
+            for core_x in tile_spans(width, tile, self.ir_scale):
                 ext_y = (max(0, core_y[0] - overlap), min(height, core_y[1] + overlap))
                 ext_x = (max(0, core_x[0] - overlap), min(width, core_x[1] + overlap))
-                tiles.append(_Tile(core_y, core_x, ext_y, ext_x))
+                tiles.append(Tile(core_y, core_x, ext_y, ext_x))
         return tiles
 
     def network_size(self, height, width):
@@ -492,12 +444,7 @@ class Rescaler:
         target_h, target_w = self.network_size(height, width)
         if self.size_mode == 'mod_crop':
             return x[..., :target_h, :target_w]
-        pad_h, pad_w = target_h - height, target_w - width
-        if pad_h == 0 and pad_w == 0:
-            return x
-        # reflect needs pad < side; with sides >= ir_scale > pad it always holds, replicate is a safeguard
-        mode = 'reflect' if pad_h < height and pad_w < width else 'replicate'
-        return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        return pad_to_multiple(x, self.ir_scale)
 
     # ------------------------------------------------------------------------------------ the two halves
     def _encode(self, x):
@@ -508,12 +455,12 @@ class Rescaler:
         if len(tiles) == 1:
             with self._autocast():
                 return net.quant_conv(self._encoder(x)).float()
-        blender = _Blender(x.shape[-2:], self.tile_overlap)
+        blender = TileBlender(x.shape[-2:], self.tile_overlap)
         for tile in tiles:
             ys, xs = tile.region(1)
             with self._autocast():
                 feat = net.quant_conv(self._encoder(x[:, :, ys, xs]))
-            blender.add('feat', tile, feat, VQGAN_FACTOR)
+            blender.add('feat', tile, feat, VQGAN_DOWNSAMPLE_FACTOR)
         return blender.result()['feat']
 
     def _decode(self, quant_feat):
@@ -521,7 +468,7 @@ class Rescaler:
         {'SR': (B, 3, H, W)} (stage 1) or {'Level_k': (B, 3, H/k, W/k), ...} (+ 'SR' with ``decoder_image``; stage 2),
         tiled and blended if needed."""
         net = self.net
-        height, width = quant_feat.shape[-2] * VQGAN_FACTOR, quant_feat.shape[-1] * VQGAN_FACTOR
+        height, width = quant_feat.shape[-2] * VQGAN_DOWNSAMPLE_FACTOR, quant_feat.shape[-1] * VQGAN_DOWNSAMPLE_FACTOR
 
         def run(feat):
             with self._autocast():
@@ -536,9 +483,9 @@ class Rescaler:
         tiles = self._tiles(height, width)
         if len(tiles) == 1:
             return OrderedDict((name, out.float()) for name, out in run(quant_feat).items())
-        blender = _Blender((height, width), self.tile_overlap)
+        blender = TileBlender((height, width), self.tile_overlap)
         for tile in tiles:
-            ys, xs = tile.region(VQGAN_FACTOR)
+            ys, xs = tile.region(VQGAN_DOWNSAMPLE_FACTOR)
             for name, out in run(quant_feat[:, :, ys, xs]).items():
                 factor = (tile.ext_y[1] - tile.ext_y[0]) // out.shape[-2]
                 blender.add(name, tile, out, factor)

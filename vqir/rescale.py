@@ -44,16 +44,18 @@ from basicsr.utils.matlab_functions import imresize
 from tqdm import tqdm
 
 from vqir.data.transforms import bicubic_downscale
-from vqir.inference import DEFAULT_TILE_OVERLAP, INFERENCE_KEYS, NetworkOptionsError, Rescaler
+from vqir.inference import DEFAULT_TILE_OVERLAP, NetworkOptionsError, Rescaler, inference_options
+from vqir.utils.allocator import use_huge_pages
 from vqir.utils.checkpoint import CheckpointError
 from vqir.utils.errors import InputError
 from vqir.version import __version__
 from vqir.utils.image_io import (DEFAULT_MAX_PIXELS, ImageInfo, ImageReadError, ImageWriteError, list_images, read_image,
                                  write_image)
+from vqir.utils.entry_point import project_root
+from vqir.utils.img_util import check_network_color
 from vqir.utils.options import KNOWN_PATH_KEYS, KNOWN_PATH_KEYS_PREFIXES, KNOWN_TOP_LEVEL_KEYS, OptionsError, \
-    load_options_file
+    load_options_file, resolve_path
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_SIZE = 'vqir:original_size'
 TEXT_SCALE = 'vqir:ir_scale'
 TEXT_MODE = 'vqir:mode'
@@ -142,14 +144,6 @@ def build_parser():
 # ---------------------------------------------------------------------------------------------- network
 
 
-def _resolve_path(path):
-    """Relative paths in an options file: from the current folder if they exist there, else the project root."""
-    path = os.path.expanduser(path)
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    return os.path.join(PROJECT_ROOT, path)
-
-
 def _read_network_options(opt_path):
     """(network block name, network options, weights from path:, network_color, inference options)."""
     opt = load_options_file(opt_path)
@@ -172,18 +166,14 @@ def _read_network_options(opt_path):
         if key not in KNOWN_PATH_KEYS and not key.startswith(KNOWN_PATH_KEYS_PREFIXES):
             raise OptionsError(f'{opt_path}: path:{key} is not a known path key')
     weights = path_opt.get('pretrain_' + block)
-    weights = _resolve_path(weights) if isinstance(weights, str) and weights else None
+    weights = resolve_path(weights, project_root()) if isinstance(weights, str) and weights else None
 
     network_color = opt.get('network_color', 'rgb')
-    if network_color not in ('rgb', 'bgr'):
-        raise OptionsError(f'{opt_path}: network_color must be rgb or bgr, got {network_color!r}')
-    inference = opt.get('inference') or {}
-    if not isinstance(inference, dict):
-        raise OptionsError(f'{opt_path}: inference must be a mapping')
-    for key in inference:
-        if key not in INFERENCE_KEYS:
-            raise OptionsError(f'{opt_path}: inference:{key} is not a known key ({", ".join(INFERENCE_KEYS)})')
-    return block, net_opt, weights, network_color, dict(inference)
+    try:
+        check_network_color(network_color)
+    except ValueError as err:
+        raise OptionsError(f'{opt_path}: option {err}') from None
+    return block, net_opt, weights, network_color, inference_options(opt, opt_path)
 
 
 def build_rescaler(args):
@@ -310,6 +300,7 @@ def _report(message):
 
 def main(argv=None):
     """Command-line entry point; returns the exit status (0: all written, 1: something failed)."""
+    use_huge_pages()  # before the first tensor: PyTorch reads the setting at its first allocation
     args = build_parser().parse_args(argv)
     if args.verbose:
         from basicsr.utils import get_root_logger

@@ -11,6 +11,7 @@ from basicsr.data import build_dataloader
 from basicsr.models import build_model
 from basicsr.utils import get_env_info, get_time_str, mkdir_and_rename
 
+from vqir.models.validation import format_summary
 from vqir.train_pipeline import build_datasets
 from vqir.utils.entry_point import run_pipeline
 from vqir.utils.options import check_weight_files, dict2str, parse_options, save_resolved_options
@@ -52,19 +53,6 @@ def test_pipeline(root_path, argv=None):
         logger.info(format_summary(summary))
     logger.info(f"Results in {opt['path']['results_root']}")
     return model
-
-
-def format_summary(summary):
-    columns = []
-    for _, means, _ in summary:
-        columns += [c for c in means if c not in columns]
-    name_w = max(len('test set'), *(len(n) for n, _, _ in summary))
-    header = 'test set'.ljust(name_w) + ' | images' + ''.join(f' | {c:>9}' for c in columns)
-    lines = ['Mean metrics per test set', '-' * len(header), header, '-' * len(header)]
-    for name, means, count in summary:
-        cells = ''.join(f' | {means[c]:9.4f}' if c in means else f' | {"":>9}' for c in columns)
-        lines.append(f'{name.ljust(name_w)} | {count:6d}{cells}')
-    return '\n'.join(lines)
 
 
 def main(argv=None):

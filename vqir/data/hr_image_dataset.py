@@ -14,6 +14,7 @@ from vqir.data import transforms
 from vqir.data.color_augment import ColorAugment, parse_color_augment
 from vqir.data.dead_leaves import dead_leaves
 from vqir.utils.image_io import ImageReadError, list_image_files
+from vqir.utils.img_util import pad_to_multiple
 
 # Keys that basicsr's option parser adds to every dataset's options, or that its dataloader and
 # training loop read from them. A dataset accepts them without using them.
@@ -286,7 +287,7 @@ class HRImageDataset(data.Dataset):
 
     def make_lq(self, img_gt):
         """Bicubic LR of an HR image, (H, W, 3) -> (ceil(H/s), ceil(W/s), 3), from the padded HR."""
-        return transforms.bicubic_downscale(transforms.pad_to_multiple(img_gt, self.ir_scale), self.ir_scale)
+        return transforms.bicubic_downscale(pad_to_multiple(img_gt, self.ir_scale), self.ir_scale)
 
     # ----------------------------------------------------------------------------------------
     def __getitem__(self, index):

@@ -35,13 +35,6 @@ def pad_reflect(img, height, width):
     return np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode='reflect')
 
 
-def pad_to_multiple(img, multiple):
-    """Reflect-pad (H, W, C) at the bottom and right to (ceil(H/m)*m, ceil(W/m)*m)."""
-    height = -(-img.shape[0] // multiple) * multiple
-    width = -(-img.shape[1] // multiple) * multiple
-    return pad_reflect(img, height, width)
-
-
 def mod_crop(img, multiple):
     """Crop (H, W, C) to (H - H % m, W - W % m) by removing bottom rows and right columns."""
     height, width = img.shape[0] - img.shape[0] % multiple, img.shape[1] - img.shape[1] % multiple

@@ -3,7 +3,9 @@
 Generator (encoder, codebook, decoder) step:
 
     nll   = mean(pixel_weight * |x - x̂| + l2_weight * (x - x̂)^2) + perceptual_weight * mean_b LPIPS(x, x̂)
-            (with ``chroma_weight``, |x - x̂| is taken in YCbCr, Cb and Cr weighted: see ``pixel_difference``)
+            + lowpass_weight * mean |A_f(x) - A_f(x̂)|
+            (with ``chroma_weight``, x - x̂ is taken in YCbCr, Cb and Cr weighted: see ``pixel_difference``;
+            A_f averages f x f blocks, f = ``lowpass_factor``)
     g     = GAN generator term on D(x̂)                 (hinge: -mean D(x̂))
     λ     = clamp(||∇_last nll|| / (||∇_last g|| + 1e-4), 0, 1e4) * disc_weight   (adaptive weight)
     loss  = loss_weight * (nll + λ * disc_factor * g + codebook_weight * codebook_loss)
@@ -18,6 +20,7 @@ Discriminator step:
 The discriminator network lives in the model, not here: this object only turns its logits into losses.
 """
 import torch
+import torch.nn.functional as F
 from basicsr.losses.gan_loss import GANLoss
 from basicsr.utils.color_util import rgb2ycbcr_pt
 from basicsr.utils.registry import LOSS_REGISTRY
@@ -76,6 +79,12 @@ class VQGANLoss(nn.Module):
         chroma_weight (float | None): None (taming): the pixel terms compare RGB. A number: they
             compare YCbCr, with Cb and Cr weighted by it (e.g. 4), see ``pixel_difference``.
         l2_weight (float): weight of an optional per-pixel squared-error term (0: taming).
+        lowpass_weight (float): weight of an L1 term between the f x f block means of the input and
+            the reconstruction (0: taming). It asks the codes to carry each block's mean colour, which
+            is what a 16x downscaled image keeps of the photo and where a per-pixel loss, spread over
+            the block's detail, pushes weakly.
+        lowpass_factor (int): f, the block side of ``lowpass_weight`` (16: one block per code of an
+            f16 VQGAN, one pixel of a 16x LR).
         perceptual_weight (float): weight of LPIPS; 0 builds no LPIPS network at all.
         perceptual_net (str): LPIPS backbone, 'vgg' (taming) or 'alex'.
         perceptual_pretrained_backbone (bool): False gives a randomly initialised LPIPS backbone (tests).
@@ -98,6 +107,8 @@ class VQGANLoss(nn.Module):
                  pixel_weight=1.0,
                  chroma_weight=None,
                  l2_weight=0.0,
+                 lowpass_weight=0.0,
+                 lowpass_factor=16,
                  perceptual_weight=1.0,
                  perceptual_net='vgg',
                  perceptual_pretrained_backbone=True,
@@ -115,6 +126,12 @@ class VQGANLoss(nn.Module):
             raise ValueError(f'VQGANLoss: chroma_weight must be a positive number or None, got {chroma_weight!r}.')
         self.chroma_weight = chroma_weight
         self.l2_weight = l2_weight
+        if not lowpass_weight >= 0:
+            raise ValueError(f'VQGANLoss: lowpass_weight must be >= 0, got {lowpass_weight!r}.')
+        if not (isinstance(lowpass_factor, int) and lowpass_factor >= 1):
+            raise ValueError(f'VQGANLoss: lowpass_factor must be a positive integer, got {lowpass_factor!r}.')
+        self.lowpass_weight = lowpass_weight
+        self.lowpass_factor = lowpass_factor
         self.perceptual_weight = perceptual_weight
         self.codebook_weight = codebook_weight
         self.disc_weight = disc_weight
@@ -148,7 +165,8 @@ class VQGANLoss(nn.Module):
                 (validation) the adaptive weight is 0, as in taming.
 
         Returns:
-            tuple[Tensor, dict[str, Tensor]]: scalar loss and detached scalars 'l_total', 'l_pix',
+            tuple[Tensor, dict[str, Tensor]]: scalar loss and detached scalars 'l_total', 'l_pix' (every
+            pixel term, weighted), 'l_lowpass' (the unweighted block-mean L1),
             'l_percep', 'l_nll', 'l_codebook', 'l_g_gan', 'd_weight', 'disc_factor'.
         """
         if inputs.shape != reconstructions.shape:
@@ -158,6 +176,12 @@ class VQGANLoss(nn.Module):
         pixel_loss = self.pixel_weight * diff.abs().mean()
         if self.l2_weight > 0:
             pixel_loss = pixel_loss + self.l2_weight * diff.square().mean()
+        lowpass_loss = inputs.new_zeros(())
+        if self.lowpass_weight > 0:
+            # the colour conversion is linear in the difference, so block means of diff are the
+            # difference of the block means (a partial block at the border is averaged as it is)
+            lowpass_loss = F.avg_pool2d(diff, self.lowpass_factor, ceil_mode=True).abs().mean()
+            pixel_loss = pixel_loss + self.lowpass_weight * lowpass_loss
         if self.perceptual is not None:
             percep_loss = self.perceptual(reconstructions, inputs)
         else:
@@ -187,6 +211,7 @@ class VQGANLoss(nn.Module):
         log = {
             'l_total': loss,
             'l_pix': pixel_loss,
+            'l_lowpass': lowpass_loss,
             'l_percep': percep_loss,
             'l_nll': nll_loss,
             'l_codebook': codebook_loss,

@@ -5,39 +5,30 @@ knows only Adam. ``VQIRBaseModel`` fixes that in one place and adds what the sta
 - the image convention of the networks: [0,1] RGB from the datasets <-> [-1,1] for the networks
   (``network_color: bgr`` flips channels to reproduce the reference's stage-1 quirk);
 - checkpoint I/O through ``vqir.utils.checkpoint`` (weights_only loads, atomic writes) and
-  training states that also hold the RNG states, so a resumed run continues the same curve;
+  training states that also hold the RNG states (``get_rng_state`` there), so a resumed run
+  continues the same curve;
 - a guard against non-finite losses and gradients, and optional gradient clipping;
 - mixed-precision training (``train.mixed_precision``: ``bf16`` or ``fp16``): subclasses run
   their forward passes and losses under ``self.autocast()``; with fp16 each optimiser gets a
   ``torch.amp.GradScaler`` (its state is part of the training state);
-- one validation loop for all stages: metrics from ``val.metrics`` (each names the output and
-  target it compares), images saved per output, a metrics CSV per dataset and a printed table.
+- one validation loop for all stages (:mod:`vqir.models.validation`).
 """
-import csv
-import io
-import math
-import os
-import random
 from collections import OrderedDict
 from contextlib import nullcontext
 from os import path as osp
 
-import numpy as np
 import torch
-from basicsr.metrics import calculate_metric
 from basicsr.models.base_model import BaseModel
-from basicsr.utils import get_root_logger, tensor2img
+from basicsr.utils import get_root_logger
 from torch.nn.parallel import DataParallel, DistributedDataParallel
-from tqdm import tqdm
 
-from vqir.metrics.fid_metric import InceptionFeatureSets
-from vqir.utils.atomic_file import atomic_write_bytes
-from vqir.utils.checkpoint import CheckpointError, atomic_torch_save, load_weights, save_state_dict
+from vqir.models.validation import ValidationMixin
+from vqir.utils.checkpoint import (CheckpointError, atomic_torch_save, get_rng_state, load_weights, save_state_dict,
+                                   set_rng_state)
 from vqir.utils.dist import barrier, is_distributed, master_only
 from vqir.utils.errors import InputError
-from vqir.utils.image_io import write_image
-from vqir.utils.hub_weights import WeightsNotFoundError
-from vqir.utils.options import METRIC_ROUTING_KEYS, MIXED_PRECISION, OptionsError, check_metric_weights
+from vqir.utils.img_util import check_network_color, from_network, to_network
+from vqir.utils.options import MIXED_PRECISION, OptionsError
 
 
 class NonFiniteLossError(InputError, RuntimeError):
@@ -45,31 +36,7 @@ class NonFiniteLossError(InputError, RuntimeError):
     names the losses and what to lower, which is all a traceback would add."""
 
 
-def get_rng_state():
-    """All RNG states that drive training, as tensors and plain numbers (loadable with weights_only)."""
-    np_state = np.random.get_state()
-    state = {
-        'torch': torch.get_rng_state(),
-        'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        'random': random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state['random']
-    random.setstate((version, tuple(internal), gauss))
-    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-class VQIRBaseModel(BaseModel):
+class VQIRBaseModel(ValidationMixin, BaseModel):
     """Base of the stage models. Subclasses build ``self.net_g`` (and others), fill
     ``self.output`` in ``test()``, and list what ``save()`` writes in ``self.saved_networks``."""
 
@@ -80,8 +47,10 @@ class VQIRBaseModel(BaseModel):
         else:
             self.device = torch.device('cpu')
         self.network_color = opt.get('network_color', 'rgb')
-        if self.network_color not in ('rgb', 'bgr'):
-            raise OptionsError(f"network_color must be 'rgb' or 'bgr', got {self.network_color!r}")
+        try:
+            check_network_color(self.network_color)
+        except ValueError as err:
+            raise OptionsError(f'{opt.get("opt_path", "options")}: option {err}') from None
         self.log_dict = OrderedDict()
         self.saved_networks = OrderedDict()  # label -> network, written by save()
         self.ema = None  # ModelEMA of net_g with train.ema_decay: saved as params_ema in net_g's file
@@ -91,6 +60,19 @@ class VQIRBaseModel(BaseModel):
         self._bad_steps = 0
         self.autocast_dtype = self._mixed_precision_dtype()
         self.grad_scalers = OrderedDict()  # optimised part -> GradScaler (fp16 only), made at its first step
+
+    # train: and val: keys that this model reads besides the generic ones of vqir.utils.options
+    # (KNOWN_TRAIN_KEYS, KNOWN_VAL_KEYS), and top-level keys that only some models read; their
+    # values are checked by check_options
+    train_keys = ()
+    val_keys = ()
+    top_level_keys = ()
+
+    @classmethod
+    def check_options(cls, opt, opt_path):
+        """Hook of ``vqir.utils.options.check_components``: raise OptionsError (naming ``opt_path`` and
+        the key) for a value of one of the model's own options that cannot work, before a run creates
+        anything. Nothing to check here."""
 
     @classmethod
     def image_names(cls, opt=None):
@@ -124,14 +106,12 @@ class VQIRBaseModel(BaseModel):
 
     # ------------------------------------------------------------------ image conventions
     def to_network(self, img):
-        """(B,3,H,W) RGB in [0,1] -> what the network sees: [-1,1], RGB (or BGR if asked)."""
-        x = img * 2 - 1
-        return x.flip(1) if self.network_color == 'bgr' else x
+        """(B,3,H,W) RGB in [0,1] -> what the network sees (:func:`vqir.utils.img_util.to_network`)."""
+        return to_network(img, self.network_color)
 
     def from_network(self, x):
-        """Network output in [-1,1] -> (B,3,H,W) RGB in [0,1] (not clamped; saving clamps)."""
-        x = x.flip(1) if self.network_color == 'bgr' else x
-        return (x + 1) / 2
+        """Network output -> (B,3,H,W) RGB in [0,1] (:func:`vqir.utils.img_util.from_network`)."""
+        return from_network(x, self.network_color)
 
     # ------------------------------------------------------------------ networks and optimisers
     def model_to_device(self, net):
@@ -177,11 +157,6 @@ class VQIRBaseModel(BaseModel):
             raise OptionsError(f'unknown scheduler type "{sched_type}" (known: {", ".join(classes)})')
         for optimizer in self.optimizers:
             self.schedulers.append(classes[sched_type](optimizer, **sched_opt))
-
-    def get_bare_model(self, net):
-        if isinstance(net, (DataParallel, DistributedDataParallel)):
-            net = net.module
-        return net
 
     @staticmethod
     def freeze(module):
@@ -343,173 +318,3 @@ class VQIRBaseModel(BaseModel):
             scaler.step(optimizer)
             scaler.update()
         return True
-
-    # ------------------------------------------------------------------ validation
-    def get_current_visuals(self):
-        """Every output and target of the last ``test()`` as (1,3,h,w) RGB tensors in [0,1] on the CPU."""
-        visuals = OrderedDict()
-        for key, value in self.output.items():
-            visuals[key] = value.detach().float().cpu()
-        for key, value in getattr(self, 'targets', {}).items():
-            visuals[key] = value.detach().float().cpu()
-        return visuals
-
-    def dist_validation(self, dataloader, current_iter, tb_logger, save_img):
-        # Validation runs on rank 0 only, on the bare network, so no collective op can hang.
-        if self.opt['rank'] == 0:
-            self.nondist_validation(dataloader, current_iter, tb_logger, save_img)
-        barrier()
-
-    def saved_outputs(self):
-        """Names of the outputs written as images (subclasses list theirs)."""
-        return list(self.opt.get('val', {}).get('outputs') or self.default_saved_outputs)
-
-    default_saved_outputs = ()
-
-    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
-        val_opt = self.opt.get('val') or {}
-        dataset_name = dataloader.dataset.opt['name']
-        metric_opts = OrderedDict(val_opt.get('metrics') or {})
-        is_test = not self.opt['is_train']
-        rows = []
-        max_images = val_opt.get('max_images')
-        pbar = tqdm(total=len(dataloader) if not max_images else min(max_images, len(dataloader)), unit='image',
-                    desc=f'{dataset_name}', dynamic_ncols=True, disable=not val_opt.get('pbar', True))
-        metric_opts = self._drop_unavailable_metrics(metric_opts)
-        set_metrics = InceptionFeatureSets(metric_opts)  # FID, KID: one value over the whole set
-        metric_opts = OrderedDict((k, v) for k, v in metric_opts.items() if k not in set_metrics.entries)
-        warned = set()  # metrics already warned about
-        self.begin_validation()
-        for idx, val_data in enumerate(dataloader):
-            if max_images and idx >= max_images:
-                break
-            img_name = osp.splitext(osp.basename(val_data.get('gt_path', val_data.get('lq_path'))[0]))[0]
-            self.feed_data(val_data)
-            self.test()
-            visuals = self.get_current_visuals()
-            images = {key: tensor2img(value.clone()) for key, value in visuals.items()}
-            row = OrderedDict(image=img_name)
-            for metric_name, opt_ in metric_opts.items():
-                output_key, target_key = opt_['output'], opt_['target']
-                if output_key not in images or target_key not in images:
-                    if metric_name not in warned:  # e.g. a test set without the target images
-                        warned.add(metric_name)
-                        get_root_logger().warning(f'metric {metric_name} skipped for {dataset_name}: image {img_name} '
-                                                  f'has no {output_key if output_key not in images else target_key}')
-                    continue
-                arguments = {k: v for k, v in opt_.items() if k not in METRIC_ROUTING_KEYS}  # with its type
-                value = float(calculate_metric({'img': images[output_key], 'img2': images[target_key]}, arguments))
-                if not math.isfinite(value) and metric_name not in warned:
-                    warned.add(metric_name)  # e.g. SSIM of a 4x4 LR: no 11x11 window fits
-                    height, width = images[output_key].shape[:2]
-                    get_root_logger().warning(
-                        f'metric {metric_name} is {value} for {dataset_name}/{img_name}: {output_key} is {width}x{height} '
-                        f'pixels (crop border {arguments.get("crop_border", 0)}), maybe too small for the metric')
-                row[metric_name] = value
-            rows.append(row)
-            set_metrics.add(images)
-            if save_img:
-                for key in self.saved_outputs():
-                    if key not in images:
-                        continue
-                    if is_test:
-                        save_path = osp.join(self.opt['path']['results_root'], dataset_name, key, f'{img_name}.png')
-                    else:
-                        save_path = osp.join(self.opt['path']['visualization'], dataset_name, key,
-                                             f'{img_name}_{current_iter}.png')
-                    write_image(save_path, visuals[key])  # atomic: an interrupted run leaves no partial file
-            pbar.update(1)
-            pbar.set_postfix_str(img_name)
-        pbar.close()
-        means = self._summarise_metrics(rows, OrderedDict(**set_metrics.compute(), **self.dataset_metrics()),
-                                        dataset_name, current_iter, tb_logger)
-        self.last_validation = {'dataset': dataset_name, 'rows': rows, 'mean': means}
-        return means
-
-    def begin_validation(self):
-        """Called before the first image of a validation set (e.g. to reset set-level statistics)."""
-
-    def dataset_metrics(self):
-        """Set-level values measured over the whole validation set (name -> float), reported beside
-        the means of the per-image metrics (CSV mean row, table, TensorBoard)."""
-        return OrderedDict()
-
-    @staticmethod
-    def _drop_unavailable_metrics(metric_opts):
-        """Metrics marked ``optional: true`` whose weights are not on this machine are skipped
-        (with a warning naming the missing file); without ``optional`` the run stops at start."""
-        kept = OrderedDict()
-        for name, opt_ in metric_opts.items():
-            try:
-                check_metric_weights(opt_)
-            except WeightsNotFoundError as err:
-                if not opt_.get('optional', False):
-                    raise
-                get_root_logger().warning(f'metric {name} skipped: {err}')
-                continue
-            kept[name] = opt_
-        return kept
-
-    def _update_best_metrics(self, dataset_name, means, current_iter, logger):
-        """Keep and log the best mean of every ``val:metrics`` entry (``better: higher`` by default,
-        or ``lower``) and the iteration that reached it, as basicsr does."""
-        metric_opts = (self.opt.get('val') or {}).get('metrics') or {}
-        for name, metric_opt in metric_opts.items():
-            value = means.get(name)
-            if value is None or not math.isfinite(value):
-                continue
-            key = f'{dataset_name}/{name}'
-            best = self.best_metrics.get(key)
-            lower = metric_opt.get('better', 'higher') == 'lower'
-            if best is None or (value < best['value'] if lower else value > best['value']):
-                best = self.best_metrics[key] = {'value': value, 'iter': current_iter}
-            logger.info(f'Best {key} ({"lower" if lower else "higher"} is better): {best["value"]:.4f} '
-                        f'@ iter {best["iter"]}')
-
-    def _summarise_metrics(self, rows, set_metrics, dataset_name, current_iter, tb_logger):
-        image_columns = [c for c in (rows[0].keys() if rows else []) if c != 'image']
-        means = OrderedDict((c, float(np.mean([r[c] for r in rows if c in r]))) for c in image_columns)
-        means.update(set_metrics)
-        columns = list(means)
-        if not columns:
-            return means
-        if self.opt['is_train']:
-            out_dir = self.opt['path']['visualization']
-            csv_path = osp.join(out_dir, f'metrics_{dataset_name}_{current_iter}.csv')
-        else:
-            out_dir = self.opt['path']['results_root']
-            csv_path = osp.join(out_dir, f'metrics_{dataset_name}.csv')
-        os.makedirs(out_dir, exist_ok=True)
-        image_rows = rows if image_columns else []  # set-level values alone: only the mean row
-        table = io.StringIO(newline='')
-        writer = csv.writer(table)
-        writer.writerow(['image'] + columns)
-        for r in image_rows:
-            writer.writerow([r['image']] + [f'{r[c]:.4f}' if c in r else '' for c in columns])
-        writer.writerow(['mean'] + [f'{means[c]:.4f}' if math.isfinite(means[c]) else str(means[c])
-                                    for c in columns])
-        atomic_write_bytes(csv_path, table.getvalue().encode('utf-8'))
-        logger = get_root_logger()
-        logger.info(format_metrics_table(image_rows, columns, means, title=f'{dataset_name} @ {current_iter}'))
-        logger.info(f'metrics written to {csv_path}')
-        if self.opt['is_train']:
-            self._update_best_metrics(dataset_name, means, current_iter, logger)
-        if tb_logger is not None:
-            for c, v in means.items():
-                if math.isfinite(v):
-                    tb_logger.add_scalar(f'metrics/{dataset_name}/{c}', v, current_iter)
-        return means
-
-
-def format_metrics_table(rows, columns, means, title=''):
-    """A plain-text table: one row per image, then the mean."""
-    name_w = max([len('image'), len('mean')] + [len(r['image']) for r in rows])
-    col_w = [max(len(c), 9) for c in columns]
-    line = '-' * (name_w + sum(w + 3 for w in col_w))
-    out = [title, line, 'image'.ljust(name_w) + ''.join(' | ' + c.rjust(w) for c, w in zip(columns, col_w)), line]
-    for r in rows:
-        out.append(r['image'].ljust(name_w)
-                   + ''.join(' | ' + (f'{r[c]:.4f}' if c in r else '').rjust(w) for c, w in zip(columns, col_w)))
-    out.append(line)
-    out.append('mean'.ljust(name_w) + ''.join(' | ' + f'{means[c]:.4f}'.rjust(w) for c, w in zip(columns, col_w)))
-    return '\n'.join(out)

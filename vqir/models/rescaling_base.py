@@ -36,12 +36,12 @@ from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
 from torch import nn
 
-from vqir.inference import Rescaler
+from vqir.inference import Rescaler, check_inference_options
 from vqir.models.base_model import VQIRBaseModel
 from vqir.models.ema import ModelEMA
 from vqir.models.lr_jpeg import LRJPEG, check_lr_jpeg_options, real_jpeg
 from vqir.utils.checkpoint import CheckpointError, load_state_dict
-from vqir.utils.options import OptionsError, check_inference_options
+from vqir.utils.options import OptionsError
 
 __all__ = ['RescalingModel', 'VQGAN_PARTS', 'freeze_in_eval', 'PartsView']
 
@@ -82,6 +82,9 @@ class RescalingModel(VQIRBaseModel):
     """
 
     stage = None
+    train_keys = ('ema_decay', 'lr_jpeg')
+    val_keys = ('lr_jpeg_quality', )
+    top_level_keys = ('inference', 'ir_scale')
     trainable_parts = ()  # top-level parts of VQIR that learn
     parts_a_checkpoint_may_lack = ()  # parts that pretrain_network_g may lack as a whole
     output_keys = ()  # reconstructions kept by test(), besides 'LR'
@@ -245,10 +248,18 @@ class RescalingModel(VQIRBaseModel):
 
     @classmethod
     def check_options(cls, opt, opt_path):
-        """What only the rescaling models read, checked before a run creates anything
-        (``vqir.utils.options.check_components`` calls this hook)."""
+        """What only the rescaling models read: ``train:ema_decay``, ``train:lr_jpeg``,
+        ``val:lr_jpeg_quality`` and the ``inference`` block (at the network's scale)."""
+        ema = (opt.get('train') or {}).get('ema_decay', 0)
+        if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
+            raise OptionsError(f'{opt_path}: option train:ema_decay must be a number in [0, 1) (0: no EMA), '
+                               f'got {ema!r}')
         cls.lr_jpeg_options(opt, opt_path)
         cls.val_lr_jpeg_quality_of(opt, opt_path)
+        networks = [opt[key] for key in ('network_g', 'network_ir') if isinstance(opt.get(key), dict)]
+        ir_scale = networks[0].get('ir_scale', 16) if networks else 16
+        if ir_scale in (16, 32):  # another scale is the network's to refuse
+            check_inference_options(opt, opt_path, ir_scale)
 
     @staticmethod
     def lr_jpeg_options(opt, opt_path):
@@ -285,8 +296,7 @@ class RescalingModel(VQIRBaseModel):
     def rescaler(self):
         """The :class:`vqir.inference.Rescaler` of this network, from the ``inference`` options."""
         if self._rescaler is None:
-            inference_opt = dict(self.opt.get('inference') or {})
-            check_inference_options(self.opt, self.opt.get('opt_path', 'options'))  # as parse_options does
+            inference_opt = check_inference_options(self.opt, self.opt.get('opt_path', 'options'), self.ir_scale)
             try:
                 self._rescaler = Rescaler(self.evaluated_net, ir_scale=self.ir_scale,
                                           network_color=self.network_color, **inference_opt)

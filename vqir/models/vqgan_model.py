@@ -21,7 +21,6 @@ set (perplexity, fraction of codes used) as extra mean columns.
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
 from basicsr.utils import get_root_logger
@@ -31,26 +30,13 @@ from vqir.metrics.codebook_metric import CodebookUsageAccumulator
 from vqir.models.base_model import VQIRBaseModel
 from vqir.models.codebook_restart import DeadCodeRestart
 from vqir.utils.checkpoint import load_weights
+from vqir.utils.img_util import pad_to_multiple
 from vqir.utils.options import OptionsError
 
-__all__ = ['VQGANModel', 'pad_to_multiple']
+__all__ = ['VQGANModel']
 
 # Where a taming ``.ckpt`` keeps the discriminator (its loss module owns it).
 TAMING_DISCRIMINATOR_PREFIX = 'loss.discriminator.'
-
-
-def pad_to_multiple(x, multiple):
-    """Reflect-pad (B, C, H, W) at the bottom and right to (B, C, ceil(H/m)*m, ceil(W/m)*m).
-
-    Reflection needs the pad to be smaller than the side; a side smaller than that (an image
-    only a few pixels wide) is padded by repeating its edge instead.
-    """
-    h, w = x.shape[-2:]
-    pad_h, pad_w = -h % multiple, -w % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    mode = 'reflect' if pad_h < h and pad_w < w else 'replicate'
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
 @MODEL_REGISTRY.register()
@@ -73,12 +59,20 @@ class VQGANModel(VQIRBaseModel):
             position chose in those N iterations with encoder outputs of the batch (see
             :mod:`vqir.models.codebook_restart`); off when absent (taming has no restarts).
 
-    Logged: l_rec (L1), l_p (LPIPS, when perceptual_weight > 0), l_codebook, l_g_gan, d_weight,
+    Logged: l_rec (L1), l_lowpass (with ``lowpass_weight``: the block-mean L1), l_p (LPIPS, when perceptual_weight > 0), l_codebook, l_g_gan, d_weight,
     l_d (0 while the discriminator is off, so that every logged row has the same columns),
     the perplexity of the codes of the batch and, with restarts, codes_restarted.
     """
 
     default_saved_outputs = ('rec', )
+    train_keys = ('codebook_restart_every', )
+
+    @classmethod
+    def check_options(cls, opt, opt_path):
+        restart = (opt.get('train') or {}).get('codebook_restart_every')
+        if restart is not None and (isinstance(restart, bool) or not isinstance(restart, int) or restart <= 0):
+            raise OptionsError(f'{opt_path}: option train:codebook_restart_every must be a positive integer '
+                               f'(or absent), got {restart!r}')
 
     @classmethod
     def image_names(cls, opt=None):
@@ -187,6 +181,8 @@ class VQGANModel(VQIRBaseModel):
                                                        last_layer=self.get_bare_model(self.net_g).get_last_layer())
         perplexity = self._last_quantizer_info[0].detach()
         loss_dict = OrderedDict(l_rec=g_log['l_pix'])
+        if self.cri_vqgan.lowpass_weight > 0:
+            loss_dict['l_lowpass'] = g_log['l_lowpass']
         if self.cri_vqgan.perceptual is not None:
             loss_dict['l_p'] = g_log['l_percep']
         loss_dict.update(l_codebook=g_log['l_codebook'], l_g_gan=g_log['l_g_gan'], d_weight=g_log['d_weight'],

@@ -60,6 +60,7 @@ class VQIRRFModel(RescalingModel):
     """Stage 2: the MSRM (``refine``) and a discriminator learn; VQGAN and IFRM are frozen."""
 
     stage = 2
+    train_keys = RescalingModel.train_keys + ('gan_start_iter', 'net_d_iters', 'net_d_init_iters')
     trainable_parts = ('refine', )
     parts_a_checkpoint_may_lack = ('refine', )
     output_keys = tuple(LEVEL_TARGETS)

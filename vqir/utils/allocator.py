@@ -6,13 +6,14 @@ the mmap threshold (at most 32 MiB) gets fresh pages from the kernel and gives t
 each layer pays page faults and page zeroing for its output: allocating and filling a 32 MiB
 tensor costs about 10 ms on 4 KiB pages, ten times the fill itself. Two remedies:
 
-* :func:`use_huge_pages` (every vqir process; ``import vqir`` calls it): PyTorch places CPU
+* :func:`use_huge_pages` (the entry points call it first: ``train.py``, ``test.py``,
+  ``vqir-rescale``, the benchmark and the demo): PyTorch places CPU
   tensors of 2 MiB and more on transparent huge pages (its ``THP_MEM_ALLOC_ENABLE``), one page
   fault per 2 MiB instead of per 4 KiB. Measured: a fresh 32 MiB tensor 4-5 ms instead of 10-14
   ms; a 512x512 round trip 13.2 s instead of 15.9 s, peak memory unchanged within 5 %.
-  PyTorch reads the setting once, at its first CPU allocation, so it only takes effect when
-  vqir is imported before torch has allocated anything (true for vqir's entry points); a value
-  already in the environment is kept.
+  PyTorch reads the setting once, at its first CPU allocation (importing torch, basicsr and vqir
+  allocates nothing), so it only takes effect when called before the process's first tensor; a
+  value already in the environment is kept.
 * :func:`keep_freed_memory` (training only, ``train.py``): serve every allocation from the heap
   (no per-block mmap) and never trim it, so that later layers and later iterations reuse the
   pages: with fixed-size batches every iteration allocates the same blocks again. Memory freed

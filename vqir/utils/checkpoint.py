@@ -20,14 +20,20 @@ Lightning/taming's ``{'state_dict': ..., 'optimizer_states': ..., ...}``, and sa
 
 Writing is atomic: a temporary file in the target's directory is written, flushed, fsynced and
 renamed over the target, so a crash never leaves a partial checkpoint behind.
+
+A training state also holds the random states (``get_rng_state`` / ``set_rng_state``: torch, numpy,
+Python, CUDA), as tensors and plain numbers that ``weights_only`` loads, so that a resumed run
+continues the same curve.
 """
 import os
 import pickle
+import random
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from basicsr.utils import get_root_logger
 from torch import nn
@@ -37,7 +43,7 @@ from .errors import InputError
 
 __all__ = [
     'CheckpointError', 'LoadReport', 'load_checkpoint', 'load_state_dict', 'load_weights', 'save_state_dict',
-    'atomic_torch_save'
+    'atomic_torch_save', 'get_rng_state', 'set_rng_state'
 ]
 
 _MAX_LISTED = 10
@@ -453,3 +459,28 @@ def save_state_dict(state_dict_or_obj, path, param_key=None):
         atomic_write(path, lambda tmp_path: save_file(tensors, tmp_path))
     else:
         atomic_torch_save({param_key: state_dict} if param_key is not None else state_dict, path)
+
+
+def get_rng_state():
+    """All RNG states that drive training, as tensors and plain numbers (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        'random': random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what :func:`get_rng_state` returned (CUDA states only with the same number of GPUs)."""
+    torch.set_rng_state(state['torch'])
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state['random']
+    random.setstate((version, tuple(internal), gauss))
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])

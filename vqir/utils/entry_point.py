@@ -4,6 +4,7 @@ import os
 import sys
 from os import path as osp
 
+from .allocator import use_huge_pages
 from .errors import InputError
 
 
@@ -32,8 +33,9 @@ def run_pipeline(pipeline, argv=None):
     images, missing weights; or a file that does not exist) end the process with one ``error:`` line,
     in the run log as well once there is one, and exit status 1 (``VQIR_TRACEBACK=1`` adds the
     traceback). Any other exception is a fault of the run or of the code: its traceback goes to the
-    terminal and into the run log.
+    terminal and into the run log. Large tensors go on huge pages (``vqir.utils.allocator``).
     """
+    use_huge_pages()  # before the run's first tensor: PyTorch reads the setting at its first allocation
     earlier_logs = set(_run_log_handlers())  # of an earlier run in this process: not this run's log
 
     def this_runs_log():

@@ -9,7 +9,11 @@ Differences from ``basicsr.utils.options.parse_options`` (which we otherwise fol
   instead of being ignored or failing deep inside a run;
 - the ``type`` of the model, datasets, networks, losses and optimisers must be registered and
   their keyword arguments must fit the class, checked before a run creates any folder; so must
-  the ``type`` and arguments of the validation metrics (``val:metrics``).
+  the ``type`` and arguments of the validation metrics (``val:metrics``);
+- as basicsr's parser, it knows no particular model: a model lists the ``train:`` / ``val:`` /
+  top-level keys only it reads (``train_keys``, ``val_keys``, ``top_level_keys``) and checks their
+  values in its ``check_options`` hook; losses and metrics name their weight files in a
+  ``required_weights`` hook.
 """
 import argparse
 import difflib
@@ -31,6 +35,7 @@ from .atomic_file import atomic_write_bytes
 from .dist import get_dist_info, init_dist, master_only
 from .errors import InputError
 from .hub_weights import WeightsNotFoundError
+from .img_util import check_network_color
 from ..version import __version__
 
 
@@ -50,16 +55,11 @@ KNOWN_PATH_KEYS = {'resume_state', 'root', 'ignore_resume_networks', 'results_ro
 DERIVED_PATH_KEYS = ('models', 'training_states', 'log', 'visualization')
 KNOWN_LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb', 'pbar'}
 KNOWN_WANDB_KEYS = ('project', 'entity', 'resume_id')
-KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images', 'lr_jpeg_quality'}
-# train: besides these, optimisers (optim_*) and losses (*_opt)
-KNOWN_TRAIN_KEYS = {'total_iter', 'warmup_iter', 'scheduler', 'max_bad_steps', 'grad_clip_norm',
-                    'codebook_restart_every', 'gan_start_iter', 'net_d_iters', 'net_d_init_iters',
-                    'mixed_precision', 'ema_decay', 'lr_jpeg'}
-# train keys that some models alone read; in another model's file they would be ignored silently
-MODEL_TRAIN_KEYS = {'codebook_restart_every': ('VQGANModel', ), 'gan_start_iter': ('VQIRRFModel', ),
-                    'net_d_iters': ('VQIRRFModel', ), 'net_d_init_iters': ('VQIRRFModel', ),
-                    'ema_decay': ('VQIRModel', 'VQIRRFModel'), 'lr_jpeg': ('VQIRModel', 'VQIRRFModel')}
-MODEL_VAL_KEYS = {'lr_jpeg_quality': ('VQIRModel', 'VQIRRFModel')}
+# val: keys every model reads; a model adds the ones only it reads in its ``val_keys``
+KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images'}
+# train: keys every model reads, besides optimisers (optim_*) and losses (*_opt); a model adds the
+# ones only it reads in its ``train_keys`` and checks their values in its ``check_options`` hook
+KNOWN_TRAIN_KEYS = {'total_iter', 'warmup_iter', 'scheduler', 'max_bad_steps', 'grad_clip_norm', 'mixed_precision'}
 # train.mixed_precision -> autocast dtype (None: float32 throughout)
 MIXED_PRECISION = OrderedDict([('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)])
 
@@ -96,7 +96,7 @@ def load_options_file(opt_path):
     return opt
 
 
-def _did_you_mean(name, choices):
+def did_you_mean(name, choices):
     """' (did you mean "x"?)' for the closest of ``choices``, or '' when none is close."""
     close = difflib.get_close_matches(name, choices, n=1)
     return f' (did you mean "{close[0]}"?)' if close else ''
@@ -155,14 +155,16 @@ def check_options(opt, opt_path, is_train):
     for key in ('experiments_root', 'results_root', 'root'):
         _expect(path.get(key) is None or isinstance(path[key], str), opt_path, f'path:{key}',
                 f'must be a folder name, got {path.get(key)!r}')
-    for section, known in (('logger', KNOWN_LOGGER_KEYS), ('val', KNOWN_VAL_KEYS)):
-        if opt.get(section) is not None:
-            _expect(isinstance(opt[section], dict), opt_path, section, 'must be a mapping')
-            for key in opt[section]:
-                _expect(key in known, opt_path, f'{section}:{key}', f'is not a known {section} key ({", ".join(sorted(known))})')
-    for key, owners in MODEL_VAL_KEYS.items():
-        _expect(key not in (opt.get('val') or {}) or opt.get('model_type') in owners, opt_path, f'val:{key}',
-                f'is read only by {" and ".join(owners)}; {opt.get("model_type")} would ignore it')
+    for section in ('logger', 'val'):
+        _expect(opt.get(section) is None or isinstance(opt[section], dict), opt_path, section, 'must be a mapping')
+    for key in opt.get('logger') or {}:
+        _expect(key in KNOWN_LOGGER_KEYS, opt_path, f'logger:{key}',
+                f'is not a known logger key ({", ".join(sorted(KNOWN_LOGGER_KEYS))})')
+    network_color = opt.get('network_color', 'rgb')
+    try:
+        check_network_color(network_color)
+    except ValueError as err:
+        raise OptionsError(f'{opt_path}: option {err}') from None
     _check_wandb((opt.get('logger') or {}).get('wandb'), (opt.get('logger') or {}).get('use_tb_logger'), opt_path)
     if is_train:
         train = opt.get('train')
@@ -176,20 +178,6 @@ def check_options(opt, opt_path, is_train):
                 value = train_set.get(key)
                 _expect(_is_int(value) and value >= least, opt_path,
                         f'datasets:train:{key}', f'must be an integer >= {least}, got {value!r}')
-        for key in train:
-            if not (key in KNOWN_TRAIN_KEYS or key.startswith('optim_') or key.endswith('_opt')):
-                hint = _did_you_mean(key, sorted(KNOWN_TRAIN_KEYS))
-                _expect(False, opt_path, f'train:{key}', f'is not a known train key{hint}: known are '
-                        f'{", ".join(sorted(KNOWN_TRAIN_KEYS))}, optim_* (optimisers) and *_opt (losses)')
-        for key, owners in MODEL_TRAIN_KEYS.items():
-            _expect(key not in train or opt['model_type'] in owners, opt_path, f'train:{key}',
-                    f'is read only by {" and ".join(owners)}; {opt["model_type"]} would ignore it')
-        ema = train.get('ema_decay', 0)
-        _expect(_is_number(ema) and 0 <= ema < 1, opt_path, 'train:ema_decay',
-                f'must be a number in [0, 1) (0: no EMA), got {ema!r}')
-        restart = train.get('codebook_restart_every')
-        _expect(restart is None or (_is_int(restart) and restart > 0),
-                opt_path, 'train:codebook_restart_every', f'must be a positive integer (or absent), got {restart!r}')
         precision = train.get('mixed_precision')
         _expect(precision is None or precision in MIXED_PRECISION, opt_path, 'train:mixed_precision',
                 f'must be one of {", ".join(MIXED_PRECISION)} (or absent), got {precision!r}')
@@ -223,7 +211,7 @@ def _registered(registry, kind, name, opt_path, key):
     for candidate in (name, f'{name}_basicsr'):
         if candidate in registry:
             return registry.get(candidate)
-    hint = _did_you_mean(name, [n for n, _ in registry])
+    hint = did_you_mean(name, [n for n, _ in registry])
     raise OptionsError(f'{opt_path}: option {key}: no {kind} named "{name}"{hint}')
 
 
@@ -252,7 +240,7 @@ def _check_arguments(cls, block, opt_path, key, *args, **given):
         raise OptionsError(f'{opt_path}: option {key}: {cls.__name__} {err}') from None
 
 
-def check_components(opt, opt_path):
+def check_components(opt, opt_path, is_train=True):
     """Types and keyword arguments of the model, datasets, networks, losses (``train:*_opt``) and
     optimisers (``train:optim_*``), against the registries and the classes' signatures.
 
@@ -278,27 +266,35 @@ def check_components(opt, opt_path):
         elif key.endswith('_opt'):
             loss = _registered(LOSS_REGISTRY, 'loss', block['type'], opt_path, f'train:{key}:type')
             _check_arguments(loss, block, opt_path, f'train:{key}')
-    if hasattr(model, 'check_options'):  # what only this model reads, checked where the model is
+    _check_model_keys(opt, opt_path, model, MODEL_REGISTRY, is_train)
+    if hasattr(model, 'check_options'):  # the values of what only this model reads, checked where the model is
         model.check_options(opt, opt_path)
     image_names = model.image_names(opt) if hasattr(model, 'image_names') else None
     _check_metrics(opt.get('val') or {}, opt_path, opt['model_type'], image_names)
-    check_inference_options(opt, opt_path)
 
 
-def check_inference_options(opt, opt_path):
-    """``inference``: known keys, and a precision this machine can run (the Rescaler checks the rest)."""
-    from vqir.inference import INFERENCE_KEYS
-    inference = opt.get('inference')
-    if inference is None:
-        return
-    _expect(isinstance(inference, dict), opt_path, 'inference', 'must be a mapping')
-    for key in inference:
-        _expect(key in INFERENCE_KEYS, opt_path, f'inference:{key}', f'is not a known inference key'
-                f'{_did_you_mean(key, INFERENCE_KEYS)}: known are {", ".join(INFERENCE_KEYS)}')
-    _expect(not (inference.get('half') and inference.get('bf16')), opt_path, 'inference',
-            'asks for both half (fp16) and bf16: choose one')
-    _expect(not inference.get('half') or (opt.get('num_gpu') != 0 and torch.cuda.is_available()), opt_path,
-            'inference:half', 'needs a CUDA device (fp16 autocast); on a CPU use bf16')
+def _check_model_keys(opt, opt_path, model, registry, is_train):
+    """Keys of ``train`` and ``val``: the generic ones, and those the model lists in its ``train_keys``
+    / ``val_keys``; top-level keys that some models list in their ``top_level_keys``: only those of
+    this model. A key that another model reads would be ignored silently: say whose it is."""
+    def owners(key, attribute):
+        return sorted(name for name, cls in registry if key in getattr(cls, attribute, ()))
+
+    for key in opt:
+        _expect(key in getattr(model, 'top_level_keys', ()) or not owners(key, 'top_level_keys'), opt_path, key,
+                f'is read only by {" and ".join(owners(key, "top_level_keys"))}; {opt["model_type"]} would ignore it')
+    sections = [('val', KNOWN_VAL_KEYS, 'val_keys', '')]
+    if is_train:
+        sections.insert(0, ('train', KNOWN_TRAIN_KEYS, 'train_keys', ', optim_* (optimisers) and *_opt (losses)'))
+    for section, generic, attribute, also in sections:
+        known = set(generic) | set(getattr(model, attribute, ()))
+        for key in opt.get(section) or {}:
+            if key in known or (section == 'train' and (key.startswith('optim_') or key.endswith('_opt'))):
+                continue
+            _expect(not owners(key, attribute), opt_path, f'{section}:{key}',
+                    f'is read only by {" and ".join(owners(key, attribute))}; {opt["model_type"]} would ignore it')
+            _expect(False, opt_path, f'{section}:{key}', f'is not a known {section} key'
+                    f'{did_you_mean(key, sorted(known))}: known are {", ".join(sorted(known))}{also}')
 
 
 def _check_wandb(wandb_opt, use_tb_logger, opt_path):
@@ -350,7 +346,7 @@ def _check_image_name(name, image_names, opt_path, key, model_type):
     if image_names is None or name in image_names:
         return
     raise OptionsError(f'{opt_path}: option {key}: {model_type} has no image named "{name}"'
-                       f'{_did_you_mean(name, image_names)}; '
+                       f'{did_you_mean(name, image_names)}; '
                        f'it has {", ".join(image_names)}')
 
 
@@ -457,7 +453,7 @@ def parse_options(root_path, is_train=True, argv=None):
     if not is_train and args.tile_overlap is not None:
         opt.setdefault('inference', OrderedDict())['tile_overlap'] = args.tile_overlap
     check_options(opt, args.opt, is_train)
-    check_components(opt, args.opt)
+    check_components(opt, args.opt, is_train)
     root_path = osp.abspath(osp.expanduser(opt['path'].get('root') or root_path))
     opt['root_path'] = root_path
     opt['opt_path'] = osp.abspath(args.opt)
@@ -491,11 +487,11 @@ def parse_options(root_path, is_train=True, argv=None):
             dataset['scale'] = opt['scale']
         for key in ('dataroot_gt', 'dataroot_lq', 'dataroot_LR', 'meta_info_file'):
             if isinstance(dataset.get(key), str):
-                dataset[key] = _resolve(dataset[key], root_path)
+                dataset[key] = resolve_path(dataset[key], root_path)
 
     for key, val in opt['path'].items():
         if isinstance(val, str) and ('resume_state' in key or 'pretrain_network' in key):
-            opt['path'][key] = _resolve(val, root_path)
+            opt['path'][key] = resolve_path(val, root_path)
 
     if is_train:
         experiments_root = _output_root(opt['path'].get('experiments_root'), root_path, 'experiments', opt['name'])
@@ -524,9 +520,10 @@ def _output_root(configured, root_path, default_folder, name):
     return osp.join(root_path, default_folder, name)
 
 
-def _resolve(path, root_path):
-    """A relative data or weights path is looked up under the project root (where experiments/
-    live), then in the current directory; so the shipped options work from any directory."""
+def resolve_path(path, root_path):
+    """A relative data or weights path of an options file: under ``root_path`` (the project root,
+    where experiments/ live) where it exists there, else in the current directory where it exists
+    there, else under the root; so the shipped options work from any directory."""
     path = osp.expanduser(path)
     if osp.isabs(path):
         return path
@@ -551,7 +548,7 @@ def copy_opt_file(opt_file, experiments_root):
 @master_only
 def save_resolved_options(opt, folder, file_name='options.yml'):
     """The options a run used (after ``--force_yml`` and every default) as YAML in ``folder``, headed
-    by the command: what ``scripts/metrics_table.py`` reads a test run's scale and metrics from."""
+    by the command: what ``scripts/metrics/metrics_table.py`` reads a test run's scale and metrics from."""
     plain = json.loads(json.dumps(opt, default=str))  # OrderedDicts and paths as plain YAML
     text = _run_header() + yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
     atomic_write_bytes(osp.join(folder, file_name), text.encode('utf-8'))
