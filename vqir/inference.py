@@ -178,8 +178,8 @@ def check_rescaler_settings(ir_scale, tile, tile_overlap, size_mode, network_col
                          f'(e.g. {below} or {below + ir_scale})')
     if not isinstance(tile_overlap, int) or isinstance(tile_overlap, bool) or tile_overlap < 0 or \
             tile_overlap % VQGAN_DOWNSAMPLE_FACTOR:
-        raise ValueError(f'tile_overlap={tile_overlap!r}: must be a non-negative multiple of {VQGAN_DOWNSAMPLE_FACTOR} '
-                         '(the VQGAN works on 16x16 pixel blocks)')
+        raise ValueError(f'tile_overlap={tile_overlap!r}: must be a non-negative multiple of '
+                         f'{VQGAN_DOWNSAMPLE_FACTOR} (the VQGAN works on 16x16 pixel blocks)')
     if size_mode not in ('pad', 'mod_crop'):
         raise ValueError(f"size_mode must be 'pad' or 'mod_crop', got {size_mode!r}")
     check_network_color(network_color)

@@ -32,5 +32,5 @@ def test_update_is_the_moving_average_of_the_trained_parameters():
 
 
 def test_decay_must_be_below_one():
-    with pytest.raises(ValueError, match=r'ema_decay must be in \[0, 1\)'):
+    with pytest.raises(ValueError, match=r'ema_decay must be a number in \[0, 1\)'):
         ModelEMA(_net(), decay=1.0)

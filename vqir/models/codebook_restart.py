@@ -23,6 +23,12 @@ from vqir.utils.options import OptionsError
 __all__ = ['DeadCodeRestart']
 
 
+def check_restart_interval(interval):
+    """ValueError unless ``interval`` (``train:codebook_restart_every``) is a positive integer."""
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0:
+        raise ValueError(f'codebook_restart_every must be a positive integer, got {interval!r}')
+
+
 class DeadCodeRestart:
     """Counts code hits and re-initialises unused codes.
 
@@ -32,8 +38,10 @@ class DeadCodeRestart:
     """
 
     def __init__(self, quantizer, interval):
-        if not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0:
-            raise OptionsError(f'codebook_restart_every must be a positive integer, got {interval!r}')
+        try:
+            check_restart_interval(interval)
+        except ValueError as err:
+            raise OptionsError(str(err)) from None
         if quantizer.remap is not None:
             raise OptionsError('codebook_restart_every cannot be used with a remapped codebook (remap)')
         self.quantizer = quantizer

@@ -27,9 +27,14 @@ class ModelEMA:
         decay: in [0, 1); basicsr's default for SR models is 0.999.
     """
 
+    @staticmethod
+    def check_decay(decay):
+        """ValueError unless ``decay`` (``train:ema_decay``) is a number in [0, 1) (0: no EMA)."""
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(f'ema_decay must be a number in [0, 1) (0: no EMA), got {decay!r}')
+
     def __init__(self, net, decay):
-        if not 0 <= decay < 1:
-            raise ValueError(f'ema_decay must be in [0, 1), got {decay!r}')
+        self.check_decay(decay)
         self.decay = decay
         shared = {id(t): t for t in net.parameters() if not t.requires_grad}
         self.net = copy.deepcopy(net, memo=shared).eval()

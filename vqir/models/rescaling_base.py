@@ -250,10 +250,10 @@ class RescalingModel(VQIRBaseModel):
     def check_options(cls, opt, opt_path):
         """What only the rescaling models read: ``train:ema_decay``, ``train:lr_jpeg``,
         ``val:lr_jpeg_quality`` and the ``inference`` block (at the network's scale)."""
-        ema = (opt.get('train') or {}).get('ema_decay', 0)
-        if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
-            raise OptionsError(f'{opt_path}: option train:ema_decay must be a number in [0, 1) (0: no EMA), '
-                               f'got {ema!r}')
+        try:
+            ModelEMA.check_decay((opt.get('train') or {}).get('ema_decay', 0))
+        except ValueError as err:
+            raise OptionsError(f'{opt_path}: option train:{err}') from None
         cls.lr_jpeg_options(opt, opt_path)
         cls.val_lr_jpeg_quality_of(opt, opt_path)
         networks = [opt[key] for key in ('network_g', 'network_ir') if isinstance(opt.get(key), dict)]

@@ -28,7 +28,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from vqir.metrics.codebook_metric import CodebookUsageAccumulator
 from vqir.models.base_model import VQIRBaseModel
-from vqir.models.codebook_restart import DeadCodeRestart
+from vqir.models.codebook_restart import DeadCodeRestart, check_restart_interval
 from vqir.utils.checkpoint import load_weights
 from vqir.utils.img_util import pad_to_multiple
 from vqir.utils.options import OptionsError
@@ -59,9 +59,10 @@ class VQGANModel(VQIRBaseModel):
             position chose in those N iterations with encoder outputs of the batch (see
             :mod:`vqir.models.codebook_restart`); off when absent (taming has no restarts).
 
-    Logged: l_rec (L1), l_lowpass (with ``lowpass_weight``: the block-mean L1), l_p (LPIPS, when perceptual_weight > 0), l_codebook, l_g_gan, d_weight,
-    l_d (0 while the discriminator is off, so that every logged row has the same columns),
-    the perplexity of the codes of the batch and, with restarts, codes_restarted.
+    Logged: l_rec (L1), l_lowpass (with ``lowpass_weight``: the block-mean L1), l_p (LPIPS, when
+    perceptual_weight > 0), l_codebook, l_g_gan, d_weight, l_d (0 while the discriminator is off,
+    so that every logged row has the same columns), the perplexity of the codes of the batch and,
+    with restarts, codes_restarted.
     """
 
     default_saved_outputs = ('rec', )
@@ -70,9 +71,11 @@ class VQGANModel(VQIRBaseModel):
     @classmethod
     def check_options(cls, opt, opt_path):
         restart = (opt.get('train') or {}).get('codebook_restart_every')
-        if restart is not None and (isinstance(restart, bool) or not isinstance(restart, int) or restart <= 0):
-            raise OptionsError(f'{opt_path}: option train:codebook_restart_every must be a positive integer '
-                               f'(or absent), got {restart!r}')
+        if restart is not None:
+            try:
+                check_restart_interval(restart)
+            except ValueError as err:
+                raise OptionsError(f'{opt_path}: option train:{err}') from None
 
     @classmethod
     def image_names(cls, opt=None):

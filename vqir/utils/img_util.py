@@ -49,7 +49,8 @@ def pad_to_multiple(img, multiple):
         return img
     reflect = pad_h < h and pad_w < w
     if isinstance(img, np.ndarray):  # numpy pads every dtype (torch's reflection not 16-bit integers)
-        return np.pad(img, ((0, pad_h), (0, pad_w)) + ((0, 0), ) * (img.ndim - 2), mode='reflect' if reflect else 'edge')
+        pads = ((0, pad_h), (0, pad_w)) + ((0, 0), ) * (img.ndim - 2)
+        return np.pad(img, pads, mode='reflect' if reflect else 'edge')
     if img.dim() == 3 and not reflect:  # replicate pads batched images only
         return F.pad(img[None], (0, pad_w, 0, pad_h), mode='replicate')[0]
     return F.pad(img, (0, pad_w, 0, pad_h), mode='reflect' if reflect else 'replicate')
