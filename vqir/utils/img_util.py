@@ -5,7 +5,6 @@ Datasets, metrics and files hold RGB images in [0, 1]; the networks (VQGAN, IFRM
 the reference's stage-1 quirk (its released stage-1 weights expect BGR).
 """
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 __all__ = ['NETWORK_COLORS', 'check_network_color', 'to_network', 'from_network', 'pad_to_multiple']
