@@ -24,6 +24,8 @@ from PIL import Image
 from skimage import data as skdata
 from torch.utils.data import default_collate
 
+from vqir.utils.options import parse_options
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # test fixture files (golden outputs, reference layouts): see tests/fixtures/README.md
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -169,6 +171,27 @@ def stage0_train_argv(data_dirs, *force, yml=STAGE0_TRAIN_YML, extra=()):
     train_dir, val_dir = data_dirs
     return ['-opt', yml, *extra, '--force_yml', f'datasets:train:dataroot_gt={train_dir}',
             f'datasets:val:dataroot_gt={val_dir}', 'logger:pbar=false', *force]
+
+
+def parse_train_options(yml, root, photo_dirs, *overrides):
+    """``parse_options`` of the training file ``yml`` under ``root``, with the data folders of
+    ``photo_dirs`` (the conftest fixture) and ``--force_yml`` overrides."""
+    train, val = photo_dirs
+    opt, _ = parse_options(str(root), is_train=True, argv=[
+        '-opt', yml, '--force_yml', f'datasets:train:dataroot_gt={train}', f'datasets:val:dataroot_gt={val}',
+        *overrides])
+    return opt
+
+
+def forbid_downloads(monkeypatch, torch_home):
+    """An empty torch cache at ``torch_home``, and any download torch.hub attempts fails the test."""
+    monkeypatch.setenv('TORCH_HOME', str(torch_home))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError('a download was attempted')
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_download)
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', no_download)
 
 
 def cli_env():

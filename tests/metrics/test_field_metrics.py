@@ -18,7 +18,7 @@ from basicsr.metrics import calculate_metric
 from basicsr.utils.registry import ARCH_REGISTRY, METRIC_REGISTRY
 from skimage import data as skdata
 
-from helpers import ROOT, write_random_metric_weights
+from helpers import ROOT, forbid_downloads, write_random_metric_weights
 
 from vqir.metrics import dists_metric, fid_metric
 from vqir.metrics.dists_metric import calculate_dists, dists_weight_paths
@@ -117,13 +117,7 @@ def test_fid_and_kid_are_torch_fidelitys_over_image_folders(tmp_path):
 
 
 def test_missing_weights_name_file_and_folder_and_download_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
-
-    def no_download(*args, **kwargs):
-        raise AssertionError('a download was attempted')
-
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_download)
-    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', no_download)
+    forbid_downloads(monkeypatch, tmp_path)
     folder = str(tmp_path / 'hub' / 'checkpoints')
     img = _crops(1)[0]
     for call, file_name in ((lambda: calculate_dists(img, img, device='cpu'), 'vgg16-397923af.pth'),

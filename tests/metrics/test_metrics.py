@@ -17,6 +17,8 @@ from vqir.utils.checkpoint import load_state_dict
 from vqir.utils.lpips_weights import (LPIPSWeightsNotFoundError, build_lpips, lpips_available, lpips_backbone_path,
                                       lpips_linear_weights_path)
 
+from helpers import forbid_downloads
+
 RANDOM_ALEX = dict(net='alex', pretrained_backbone=False, device='cpu')
 
 
@@ -51,13 +53,7 @@ def test_backbone_file_names_come_from_torchvision(tmp_path, monkeypatch):
 
 
 def test_missing_backbone_raises_without_download(tmp_path, monkeypatch):
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
-
-    def no_download(*args, **kwargs):
-        raise AssertionError('a download was attempted')
-
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_download)
-    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', no_download)
+    forbid_downloads(monkeypatch, tmp_path)
     assert not lpips_available('vgg') and not lpips_available('alex')
     for net, file_name in (('vgg', 'vgg16-397923af.pth'), ('alex', 'alexnet-owt-7be5be79.pth')):
         with pytest.raises(LPIPSWeightsNotFoundError) as err:

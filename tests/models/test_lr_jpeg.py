@@ -13,9 +13,8 @@ from kornia.enhance import jpeg_codec_differentiable
 from skimage import data as skdata
 
 from vqir.models.lr_jpeg import LRJPEG, real_jpeg
-from vqir.utils.options import parse_options
 
-from helpers import ROOT, fixed_batch, train_steps
+from helpers import ROOT, fixed_batch, parse_train_options, train_steps
 
 STAGE1_YML = os.path.join(ROOT, 'options', 'train', 'stage1_ifrm_tiny.yml')
 STAGE2_YML = os.path.join(ROOT, 'options', 'train', 'stage2_msrm_tiny.yml')
@@ -61,15 +60,8 @@ def test_the_lr_channel_draws_a_quality_per_sample_and_passes_gradients():
     assert torch.equal(real, real_jpeg(lr.detach(), 75))
 
 
-def _options(yml, root, photo_dirs, *overrides):
-    train, val = photo_dirs
-    opt, _ = parse_options(str(root), is_train=True, argv=[
-        '-opt', yml, '--force_yml', f'datasets:train:dataroot_gt={train}', f'datasets:val:dataroot_gt={val}', *overrides])
-    return opt
-
-
 def test_stage1_trains_through_the_jpeg_and_validates_through_a_real_one(tmp_path, photo_dirs):
-    model = build_model(_options(STAGE1_YML, tmp_path, photo_dirs, 'train:lr_jpeg={quality: [50, 90]}',
+    model = build_model(parse_train_options(STAGE1_YML, tmp_path, photo_dirs, 'train:lr_jpeg={quality: [50, 90]}',
                                  'val:lr_jpeg_quality=75'))
     batch = fixed_batch(model.opt)
     logs = train_steps(model, batch, 12)
@@ -92,7 +84,7 @@ def test_stage2_fine_tunes_on_real_jpeg_lrs(tmp_path, photo_dirs):
     torch.manual_seed(7)
     stage1 = str(tmp_path / 'net_g_stage1.pth')
     torch.save({'params': build_network(net_opt).state_dict()}, stage1)
-    model = build_model(_options(STAGE2_YML, tmp_path, photo_dirs, f'path:pretrain_network_g={stage1}',
+    model = build_model(parse_train_options(STAGE2_YML, tmp_path, photo_dirs, f'path:pretrain_network_g={stage1}',
                                  'train:perceptual_opt:loss_weight=0', 'train:lr_jpeg={quality: [60, 60]}'))
     seen = []
     channel = model.lr_channel
@@ -111,4 +103,4 @@ def test_stage2_fine_tunes_on_real_jpeg_lrs(tmp_path, photo_dirs):
 ])
 def test_lr_jpeg_options_are_checked(tmp_path, photo_dirs, overrides, message):
     with pytest.raises(ValueError, match=message):  # by the options check, before a run creates anything
-        _options(STAGE1_YML, tmp_path, photo_dirs, *overrides)
+        parse_train_options(STAGE1_YML, tmp_path, photo_dirs, *overrides)

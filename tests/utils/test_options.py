@@ -28,7 +28,7 @@ from vqir.test_pipeline import main as evaluation_main
 from vqir.train_pipeline import build_datasets, train_pipeline
 from vqir.utils.options import OptionsError, parse_options
 
-from helpers import ROOT, STAGE0_TRAIN_YML as STAGE0_YML, cli_env, error_lines, run_train_main
+from helpers import ROOT, STAGE0_TRAIN_YML as STAGE0_YML, cli_env, error_lines, parse_train_options, run_train_main
 from helpers import stage0_train_argv as train_argv
 
 STAGE1_YML = osp.join(ROOT, 'options', 'train', 'stage1_ifrm_tiny.yml')
@@ -289,21 +289,14 @@ def test_wandb_needs_tensorboard_logging_and_the_package(tmp_path, data_dirs, mo
     assert not osp.exists(tmp_path / 'root')
 
 
-def _options(yml, root, photo_dirs, *overrides):
-    train, val = photo_dirs
-    opt, _ = parse_options(str(root), is_train=True, argv=[
-        '-opt', yml, '--force_yml', f'datasets:train:dataroot_gt={train}', f'datasets:val:dataroot_gt={val}', *overrides])
-    return opt
-
-
 def test_lr_jpeg_is_refused_where_nothing_would_read_it(tmp_path, photo_dirs):
     yml = os.path.join(ROOT, 'options', 'train', 'stage0_vqgan_tiny.yml')
     for override, key in (('train:lr_jpeg={quality: [50, 90]}', 'train:lr_jpeg'), ('val:lr_jpeg_quality=75',
                                                                                      'val:lr_jpeg_quality')):
         with pytest.raises(ValueError, match=f'option {key} is read only by VQIRModel and VQIRRFModel'):
-            _options(yml, tmp_path, photo_dirs, override)
+            parse_train_options(yml, tmp_path, photo_dirs, override)
 
 
 def test_mixed_precision_option_is_checked(tmp_path, photo_dirs):
     with pytest.raises(ValueError, match=r'train:mixed_precision must be one of fp32, bf16, fp16 .*got .bfloat16.'):
-        _options(STAGE1_YML, tmp_path, photo_dirs, 'train:mixed_precision=bfloat16')
+        parse_train_options(STAGE1_YML, tmp_path, photo_dirs, 'train:mixed_precision=bfloat16')
