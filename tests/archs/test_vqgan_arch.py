@@ -405,3 +405,28 @@ def test_norm_groups_option_lets_colour_through_the_last_norm():
     assert 'one channel a group' not in _basicsr_warnings(lambda: VQGAN(**dict(TINY, norm_groups=8)))
     with pytest.raises(ValueError, match='32 channels cannot be split into 5 groups'):
         VQGAN(**dict(TINY, norm_groups=5))
+
+
+def test_norm_out_groups_sets_only_the_decoders_output_norm():
+    """One group in the decoder's last GroupNorm keeps colour that groups of 4 erase: channel means
+    that are equal inside each group of 4 but differ between groups (a colour shared by the group's
+    channels) are removed by 8 groups and kept by 1. Only ``decoder.norm_out`` changes, and the
+    parameters are the same, so weights load either way."""
+    from vqir.archs.vqgan_arch import Normalize
+    torch.manual_seed(0)
+    offsets = [3 * torch.randn(8).repeat_interleave(4).view(1, 32, 1, 1) for _ in range(2)]
+    h = torch.randn(1, 32, 16, 16) + torch.cat(offsets)  # one pattern under two sets of per-group means
+    means = {groups: Normalize(32, groups)(h).mean(dim=(2, 3)).detach() for groups in (8, 1)}
+    torch.testing.assert_close(means[8][0], means[8][1], atol=1e-4, rtol=0)  # the offsets are gone
+    assert (means[1][0] - means[1][1]).abs().max() > 0.5
+
+    net = VQGAN(**dict(TINY, norm_groups=8, norm_out_groups=1))
+    groups = {name: m.num_groups for name, m in net.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups.pop('decoder.norm_out') == 1
+    assert set(groups.values()) == {8} and 'encoder.norm_out' in groups
+    same_groups = VQGAN(**dict(TINY, norm_groups=8))
+    assert _layout(net) == _layout(same_groups)
+    same_groups.load_state_dict(net.state_dict())
+    for bad, message in ((0, 'positive integer'), (5, '32 channels cannot be split into 5 groups')):
+        with pytest.raises(ValueError, match=message):
+            VQGAN(**dict(TINY, norm_groups=8, norm_out_groups=bad))

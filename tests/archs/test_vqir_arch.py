@@ -446,3 +446,6 @@ def test_norm_groups_reach_the_vqgan_and_the_msrm():
     default = VQIR(**dict(opt, norm_groups=32))
     assert {m.num_groups for m in default.modules() if isinstance(m, nn.GroupNorm)} == {32}
     assert [k for k, _ in net.state_dict().items()] == [k for k, _ in default.state_dict().items()]
+    one_out_group = VQIR(**dict(opt, norm_out_groups=1))
+    groups = {name: m.num_groups for name, m in one_out_group.named_modules() if isinstance(m, nn.GroupNorm)}
+    assert groups.pop('decoder.norm_out') == 1 and set(groups.values()) == {8}

@@ -34,6 +34,8 @@ def Normalize(in_channels, num_groups=NORM_GROUPS):  # noqa: N802  (taming's nam
     the decoder's last one then sets each channel's image mean to its bias, so the colour of the
     input cannot reach the output. Small networks need fewer groups (``norm_groups``).
     """
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f'GroupNorm: the number of groups must be a positive integer, got {num_groups!r}')
     if in_channels % num_groups:
         raise ValueError(f'GroupNorm: {in_channels} channels cannot be split into {num_groups} groups')
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
@@ -315,7 +317,8 @@ class Decoder(nn.Module):
                  attn_resolutions=None,
                  resolution=None,
                  give_pre_end=False,
-                 norm_groups=NORM_GROUPS):
+                 norm_groups=NORM_GROUPS,
+                 norm_out_groups=None):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -348,7 +351,9 @@ class Decoder(nn.Module):
                 up.upsample = Upsample(block_in, resamp_with_conv)
             self.up.insert(0, up)
 
-        self.norm_out = Normalize(block_in, norm_groups)
+        # the output head normalises over the whole image: every group loses its mean there, so fewer
+        # groups (norm_out_groups) leave more of the image's colour to conv_out
+        self.norm_out = Normalize(block_in, norm_groups if norm_out_groups is None else norm_out_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z, return_feat=False, image=True):
@@ -514,6 +519,12 @@ class VQGAN(nn.Module):
     n_embed 1024, embed_dim 256 (72,141,699 parameters). See ``Encoder``/``Decoder`` for
     ``attn_resolutions``/``resolution``. ``norm_groups``: groups of every GroupNorm (32, taming's);
     a network with few channels needs fewer, so that no group holds a single channel.
+    ``norm_out_groups``: groups of the decoder's last GroupNorm (``decoder.norm_out``, just before
+    ``conv_out``) when they differ from ``norm_groups`` (None: the same). That norm takes its
+    statistics over the whole image and removes each group's mean, so the colour of the output can
+    only come from how channels differ inside a group; one group keeps all of that. The parameters
+    are the same for any number of groups, so weights load either way (and behave as trained only
+    with the groups they were trained with).
     """
 
     def __init__(self,
@@ -533,7 +544,8 @@ class VQGAN(nn.Module):
                  beta=0.25,
                  remap=None,
                  sane_index_shape=False,
-                 norm_groups=NORM_GROUPS):
+                 norm_groups=NORM_GROUPS,
+                 norm_out_groups=None):
         super().__init__()
         ch_mult = tuple(ch_mult)
         warn_if_single_channel_groups(ch, ch_mult, norm_groups, 'VQGAN')
@@ -557,7 +569,8 @@ class VQGAN(nn.Module):
             dropout=dropout,
             attn_resolutions=attn_resolutions,
             resolution=resolution,
-            norm_groups=norm_groups)
+            norm_groups=norm_groups,
+            norm_out_groups=norm_out_groups)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape)
         # taming sizes quant_conv by z_channels; with double_z the encoder emits 2*z_channels
         self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)

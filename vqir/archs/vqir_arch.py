@@ -66,6 +66,8 @@ class VQIR(nn.Module):
             ``{'Level_4', 'Level_2', 'Level_1'}`` images.
         norm_groups: groups of the VQGAN's (and the MSRM's) GroupNorms; 32, taming's, by default.
             The VQGAN part must match the prior it loads (see :class:`vqir.archs.vqgan_arch.VQGAN`).
+        norm_out_groups: groups of the VQGAN decoder's last GroupNorm, as the prior was trained
+            (None: ``norm_groups``; see :class:`vqir.archs.vqgan_arch.VQGAN`).
     """
 
     def __init__(self,
@@ -86,7 +88,8 @@ class VQIR(nn.Module):
                  sane_index_shape=False,
                  ifrm=None,
                  msrm=None,
-                 norm_groups=NORM_GROUPS):
+                 norm_groups=NORM_GROUPS,
+                 norm_out_groups=None):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f'VQIR: stage must be 1 or 2, got {stage!r}')
@@ -106,7 +109,7 @@ class VQIR(nn.Module):
         self.encoder = Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, in_channels=in_channels,
                                z_channels=z_channels, double_z=double_z, norm_groups=norm_groups)
         self.decoder = Decoder(ch=ch, out_channels=out_channels, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                               z_channels=z_channels, norm_groups=norm_groups)
+                               z_channels=z_channels, norm_groups=norm_groups, norm_out_groups=norm_out_groups)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, remap=remap,
                                         sane_index_shape=sane_index_shape)
         self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)
