@@ -430,3 +430,7 @@ def test_norm_out_groups_sets_only_the_decoders_output_norm():
     for bad, message in ((0, 'positive integer'), (5, '32 channels cannot be split into 5 groups')):
         with pytest.raises(ValueError, match=message):
             VQGAN(**dict(TINY, norm_groups=8, norm_out_groups=bad))
+    # one channel a group in that norm alone is reported, as it is for the other norms
+    warned = _basicsr_warnings(lambda: VQGAN(**dict(TINY, norm_groups=8, norm_out_groups=32)))
+    assert "decoder's last GroupNorm" in warned and 'norm_out_groups: 1' in warned
+    assert 'GroupNorm' not in _basicsr_warnings(lambda: VQGAN(**dict(TINY, norm_groups=8, norm_out_groups=8)))

@@ -18,7 +18,7 @@ from vqir.archs.ifrm_arch import IFRM, AffineCouplingLayer, InvertibleConv1x1
 from vqir.archs.lr_quantizer import eight_bit_levels, quantize_lr
 from vqir.archs.vqir_arch import VQIR
 
-from helpers import FIXTURES
+from helpers import FIXTURES, basicsr_log_records
 
 OFFICIAL_KEYS = os.path.join(FIXTURES, 'reference', 'official_vqir_keys.json')
 REFERENCE_OUTPUTS = os.path.join(FIXTURES, 'reference_outputs.pt')
@@ -449,3 +449,6 @@ def test_norm_groups_reach_the_vqgan_and_the_msrm():
     one_out_group = VQIR(**dict(opt, norm_out_groups=1))
     groups = {name: m.num_groups for name, m in one_out_group.named_modules() if isinstance(m, nn.GroupNorm)}
     assert groups.pop('decoder.norm_out') == 1 and set(groups.values()) == {8}
+    with basicsr_log_records() as records:
+        VQIR(**dict(opt, norm_out_groups=32))  # one channel a group in exactly the norm that sets the colour
+    assert any("VQIR: 32 channels in 32 groups of the decoder's last GroupNorm" in r.getMessage() for r in records)

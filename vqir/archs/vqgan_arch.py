@@ -41,14 +41,24 @@ def Normalize(in_channels, num_groups=NORM_GROUPS):  # noqa: N802  (taming's nam
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
-def warn_if_single_channel_groups(ch, ch_mult, norm_groups, owner):
-    """Log a warning when some level's GroupNorms hold one channel a group (see ``Normalize``)."""
+def warn_if_single_channel_groups(ch, ch_mult, norm_groups, owner, norm_out_groups=None):
+    """Log a warning when some level's GroupNorms hold one channel a group (see ``Normalize``), or the
+    decoder's last one does (``norm_out_groups``; it works on ``ch * ch_mult[0]`` channels): that one
+    decides the colour of the output."""
+    logger = get_root_logger()
     narrowest = ch * min(ch_mult)
     if narrowest <= norm_groups:
-        get_root_logger().warning(
+        logger.warning(
             f'{owner}: {narrowest} channels in {norm_groups} GroupNorm groups is one channel a group, an instance '
             'normalisation: the decoder cannot pass the colour of its input to its output. Use at least 4 channels '
             f'a group (e.g. norm_groups: {max(narrowest // 4, 1)}) unless you load weights trained this way.')
+    out_channels = ch * ch_mult[0]
+    if norm_out_groups is not None and out_channels <= norm_out_groups:
+        logger.warning(
+            f'{owner}: {out_channels} channels in {norm_out_groups} groups of the decoder\'s last GroupNorm '
+            '(norm_out_groups) is one channel a group: it sets every channel\'s mean to its bias, so the output '
+            'cannot keep the colour of the input. Use fewer groups (e.g. norm_out_groups: 1) unless you load '
+            'weights trained this way.')
 
 
 def swish(x):
@@ -548,7 +558,7 @@ class VQGAN(nn.Module):
                  norm_out_groups=None):
         super().__init__()
         ch_mult = tuple(ch_mult)
-        warn_if_single_channel_groups(ch, ch_mult, norm_groups, 'VQGAN')
+        warn_if_single_channel_groups(ch, ch_mult, norm_groups, 'VQGAN', norm_out_groups)
         self.encoder = Encoder(
             ch=ch,
             ch_mult=ch_mult,

@@ -99,7 +99,7 @@ class VQIR(nn.Module):
         if 2**(len(ch_mult) - 1) != VQGAN_DOWNSAMPLE_FACTOR:
             raise ValueError(f'VQIR: the VQGAN must downsample by {VQGAN_DOWNSAMPLE_FACTOR}, i.e. ch_mult needs '
                              f'5 entries, got ch_mult={ch_mult}')
-        warn_if_single_channel_groups(ch, ch_mult, norm_groups, 'VQIR')
+        warn_if_single_channel_groups(ch, ch_mult, norm_groups, 'VQIR', norm_out_groups)
         self.stage = stage
         self.ir_scale = ir_scale
         self.in_channels = in_channels
