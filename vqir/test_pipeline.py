@@ -6,7 +6,6 @@ Writes ``results/<name>/<test set>/<output>/<image>.png``, ``results/<name>/metr
 """
 from os import path as osp
 
-import torch
 from basicsr.data import build_dataloader
 from basicsr.models import build_model
 from basicsr.utils import get_env_info, get_time_str, mkdir_and_rename
@@ -14,13 +13,14 @@ from basicsr.utils import get_env_info, get_time_str, mkdir_and_rename
 from vqir.models.validation import format_summary
 from vqir.train_pipeline import build_datasets
 from vqir.utils.entry_point import run_pipeline
-from vqir.utils.options import check_weight_files, dict2str, parse_options, save_resolved_options
+from vqir.utils.options import (apply_process_options, check_weight_files, dict2str, parse_options,
+                                save_resolved_options)
 from vqir.utils.run_logger import init_run_logger
 
 
 def test_pipeline(root_path, argv=None):
     opt, args = parse_options(root_path, is_train=False, argv=argv)
-    torch.backends.cudnn.benchmark = bool(opt.get('cudnn_benchmark', True))
+    apply_process_options(opt)
     # what can be wrong with the files a run reads is found before it creates its results folder
     check_weight_files(opt, args.opt)
     datasets = build_datasets(opt, args.opt)

@@ -31,7 +31,8 @@ from vqir.utils.allocator import keep_freed_memory
 from vqir.utils.atomic_file import atomic_write_bytes
 from vqir.utils.checkpoint import CheckpointError, load_checkpoint
 from vqir.utils.entry_point import run_pipeline
-from vqir.utils.options import OptionsError, check_weight_files, copy_opt_file, dict2str, parse_options
+from vqir.utils.options import (OptionsError, apply_process_options, check_weight_files, copy_opt_file, dict2str,
+                                parse_options)
 from vqir.utils.run_logger import init_run_logger
 from vqir.utils.wandb_run import ScalarLoggers, init_wandb_run
 
@@ -199,7 +200,7 @@ def remove_interrupted_writes(opt, logger):
 
 def train_pipeline(root_path, argv=None):
     opt, args = parse_options(root_path, is_train=True, argv=argv)
-    torch.backends.cudnn.benchmark = bool(opt.get('cudnn_benchmark', True))
+    apply_process_options(opt)
 
     resume_state = load_resume_state(opt)
     check_weight_files(opt, args.opt)

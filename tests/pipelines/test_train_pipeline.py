@@ -91,6 +91,17 @@ def test_debug_prefixes_the_experiment_name(tmp_path, data_dirs):
     assert osp.isfile(tmp_path / 'experiments' / f'debug_{NAME}' / 'models' / 'net_g_latest.pth')
 
 
+def test_cpu_threads_sets_the_runs_torch_threads(tmp_path, data_dirs, val_dir, trained, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, 'set_num_threads', calls.append)  # the test process keeps its own threads
+    train_pipeline(str(tmp_path), argv=train_argv(data_dirs, 'train:total_iter=1', 'cpu_threads=1'))
+    weights = osp.join(trained, 'experiments', NAME, 'models', 'net_g_6.pth')
+    run_test_pipeline(str(tmp_path), argv=['-opt', TEST_YML, '--force_yml', f'datasets:test_1:dataroot_gt={val_dir}',
+                                           f'path:pretrain_network_g={weights}', 'cpu_threads=3'])
+    train_pipeline(str(tmp_path / 'default'), argv=train_argv(data_dirs, 'train:total_iter=1'))
+    assert calls == [1, 3]  # without the option torch keeps its default
+
+
 def test_test_pipeline_writes_reconstructions_and_metrics(trained, val_dir, tmp_path):
     weights = osp.join(trained, 'experiments', NAME, 'models', 'net_g_6.pth')
     root = str(tmp_path)

@@ -43,6 +43,8 @@ with open(STAGE0_YML, encoding='utf-8') as _f:
 OPTION_ERRORS = [
     ('num_gpu_word', 'num_gpu: auto', 'num_gpu: two', 'option num_gpu must be "auto" or a non-negative integer, got '
      "'two'"),
+    ('cpu_threads_zero', 'num_gpu: auto', 'num_gpu: auto\ncpu_threads: 0',
+     'option cpu_threads must be a positive integer (or ~ for one per core), got 0'),
     ('total_iter_string', 'total_iter: 200', 'total_iter: "5"', 'option train:total_iter must be a positive integer'),
     ('dataset_without_type', '    type: HRImageDataset\n    dataroot_gt: datasets/demo/train',
      '    dataroot_gt: datasets/demo/train', 'option datasets:train:type is required'),

@@ -46,7 +46,7 @@ class OptionsError(InputError, ValueError):
 # Top-level keys of an options file. ``network_*`` (any suffix) is allowed as well.
 KNOWN_TOP_LEVEL_KEYS = {
     'name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'path', 'train', 'val',
-    'logger', 'dist_params', 'find_unused_parameters', 'cudnn_benchmark', 'network_color',
+    'logger', 'dist_params', 'find_unused_parameters', 'cudnn_benchmark', 'cpu_threads', 'network_color',
     'inference', 'ir_scale', 'stage',
 }
 KNOWN_PATH_KEYS_PREFIXES = ('pretrain_network_', 'strict_load_', 'param_key_')
@@ -129,6 +129,9 @@ def check_options(opt, opt_path, is_train):
             f'must be "auto" or a non-negative integer, got {num_gpu!r}')
     seed = opt.get('manual_seed')
     _expect(seed is None or isinstance(seed, int), opt_path, 'manual_seed', f'must be an integer, got {seed!r}')
+    threads = opt.get('cpu_threads')
+    _expect(threads is None or (_is_int(threads) and threads >= 1), opt_path, 'cpu_threads',
+            f'must be a positive integer (or ~ for one per core), got {threads!r}')
     datasets = opt.get('datasets')
     _expect(isinstance(datasets, dict) and datasets, opt_path, 'datasets', 'is required and must be a mapping')
     for phase, dataset in datasets.items():
@@ -434,6 +437,14 @@ def build_arg_parser(is_train):
         parser.add_argument('--tile_overlap', '--tile-overlap', type=int, default=None,
                             help='overlap between tiles in HR pixels')
     return parser
+
+
+def apply_process_options(opt):
+    """Process-wide settings of a run: cuDNN autotuning (``cudnn_benchmark``, default on) and the
+    number of CPU threads torch uses (``cpu_threads``; default: torch's, one per core)."""
+    torch.backends.cudnn.benchmark = bool(opt.get('cudnn_benchmark', True))
+    if opt.get('cpu_threads'):
+        torch.set_num_threads(opt['cpu_threads'])
 
 
 def parse_options(root_path, is_train=True, argv=None):
