@@ -63,7 +63,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from vqir.archs.lr_quantizer import quantize_lr
-from vqir.archs.vqir_arch import VQGAN_DOWNSAMPLE_FACTOR
+from vqir.archs.vqir_arch import VQGAN_DOWNSAMPLE_FACTOR, add_colour_base
 from vqir.tiling import Tile, TileBlender, tile_spans
 from vqir.utils.checkpoint import CheckpointError, load_state_dict, load_weights
 from vqir.utils.errors import InputError
@@ -317,6 +317,7 @@ class Rescaler:
             backend = 'inductor' if compile is True else compile
             parts = [None if part is None else torch.compile(part, backend=backend) for part in parts]
         self._encoder, self._decoder, self._refine = parts
+        self._colour_path = getattr(net, 'colour_path', None)  # a prior trained with VQGAN's colour_path
 
     # ------------------------------------------------------------------------------------ construction
     @classmethod
@@ -452,14 +453,21 @@ class Rescaler:
         before the codebook ``(B, embed_dim, H/16, W/16)``, float32, tiled and blended if needed."""
         net = self.net
         tiles = self._tiles(*x.shape[-2:])
+
+        def run(x):
+            z = net.quant_conv(self._encoder(x))
+            if self._colour_path is not None:  # block means: a tile aligned to the blocks has its own
+                z = z + self._colour_path.encode(x)
+            return z
+
         if len(tiles) == 1:
             with self._autocast():
-                return net.quant_conv(self._encoder(x)).float()
+                return run(x).float()
         blender = TileBlender(x.shape[-2:], self.tile_overlap)
         for tile in tiles:
             ys, xs = tile.region(1)
             with self._autocast():
-                feat = net.quant_conv(self._encoder(x[:, :, ys, xs]))
+                feat = run(x[:, :, ys, xs])
             blender.add('feat', tile, feat, VQGAN_DOWNSAMPLE_FACTOR)
         return blender.result()['feat']
 
@@ -478,6 +486,8 @@ class Rescaler:
                     outs.update(sorted(self._refine(dec_feat).items(), key=lambda kv: int(kv[0].split('_')[1])))
                 if sr is not None:
                     outs['SR'] = sr
+                # every image on the codes' block colours, as in VQIR
+                outs = OrderedDict(add_colour_base(outs, feat, self._colour_path))
             return outs
 
         tiles = self._tiles(height, width)

@@ -4,7 +4,8 @@
         pretrained/vqgan_f16_1024.pth [--keep-discriminator] [--config vqgan.yaml | --ch 128 ...]
 
 The checkpoint is read safely (weights only, no code from the file runs). The VQGAN tensors
-(encoder.*, decoder.*, quantize.*, quant_conv.*, post_quant_conv.*) are written to OUT (.pth:
+(encoder.*, decoder.*, quantize.*, quant_conv.*, post_quant_conv.*, and colour_path.* of a VQGAN trained
+with one) are written to OUT (.pth:
 torch.save of a plain state_dict; .safetensors: safetensors), after checking that they load
 strictly into a VQGAN of the given configuration (default: taming's f16 ImageNet model, codebook
 1024 x 256). Training-only entries (loss.*: LPIPS and discriminator weights) are dropped; with
@@ -24,7 +25,8 @@ import sys
 from collections import Counter, OrderedDict
 
 F16_1024 = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, n_embed=1024, embed_dim=256)
-VQGAN_PREFIXES = ('encoder.', 'decoder.', 'quantize.', 'quant_conv.', 'post_quant_conv.')
+# colour_path.*: the block-colour path of a VQGAN trained here with colour_path (taming's have none)
+VQGAN_PREFIXES = ('encoder.', 'decoder.', 'quantize.', 'quant_conv.', 'post_quant_conv.', 'colour_path.')
 DISCRIMINATOR_PREFIX = 'loss.discriminator.'
 # taming ddconfig name -> VQGAN argument name (None: not a VQGAN argument)
 TAMING_DDCONFIG = {

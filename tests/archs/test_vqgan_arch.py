@@ -434,3 +434,32 @@ def test_norm_out_groups_sets_only_the_decoders_output_norm():
     warned = _basicsr_warnings(lambda: VQGAN(**dict(TINY, norm_groups=8, norm_out_groups=32)))
     assert "decoder's last GroupNorm" in warned and 'norm_out_groups: 1' in warned
     assert 'GroupNorm' not in _basicsr_warnings(lambda: VQGAN(**dict(TINY, norm_groups=8, norm_out_groups=8)))
+
+
+def test_colour_path_gives_the_codes_the_block_colours():
+    """``colour_path``: the quantiser sees the encoder's output plus a projection of the 16x16 block
+    means, and the image is the decoder's on top of the codes' colours upsampled bicubically. At
+    initialisation the path alone passes colours through; off (taming's layout) by default."""
+    assert not any(k.startswith('colour_path.') for k in VQGAN(**TINY).state_dict())
+    torch.manual_seed(0)
+    net = VQGAN(**dict(TINY, norm_groups=8, colour_path=True)).eval()
+    assert [k for k in net.state_dict() if k.startswith('colour_path.')] == [
+        'colour_path.to_latent.weight', 'colour_path.to_latent.bias', 'colour_path.from_latent.weight',
+        'colour_path.from_latent.bias']
+    path, f = net.colour_path, net.downsample_factor
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    block_means = F.avg_pool2d(x, f)
+    upsampled = F.interpolate(block_means, scale_factor=f, mode='bicubic', align_corners=False)
+    torch.testing.assert_close(path.decode(path.encode(x)), upsampled, atol=1e-5, rtol=0)
+    assert path.decode(path.encode(x), size=(16, 24)).shape == (2, 3, 16, 24)  # a refinement level's size
+
+    seen = []
+    net.quantize.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        rec, _ = net(x)
+        quant, _, _ = net.encode(x)
+        torch.testing.assert_close(seen[0], net.quant_conv(net.encoder(x)) + path.encode(x))
+        torch.testing.assert_close(rec, net.decoder(net.post_quant_conv(quant)) + path.decode(quant))
+        image, feats = net.decode(quant, return_feat=True)
+    torch.testing.assert_close(image, rec)
+    assert set(feats) >= {'Level_1', 'Level_2'}

@@ -452,3 +452,29 @@ def test_norm_groups_reach_the_vqgan_and_the_msrm():
     with basicsr_log_records() as records:
         VQIR(**dict(opt, norm_out_groups=32))  # one channel a group in exactly the norm that sets the colour
     assert any("VQIR: 32 channels in 32 groups of the decoder's last GroupNorm" in r.getMessage() for r in records)
+
+
+def test_colour_path_is_the_base_of_every_output():
+    """A VQIR on a prior with ``colour_path``: the quantiser's input has the block means added, and
+    the decoder's image (SR) and each of the MSRM's levels are put on the codes' colours, upsampled
+    to that level's size."""
+    opt = dict(stage=2, ir_scale=16, in_channels=3, out_channels=3, ch=32, ch_mult=[1, 2, 2, 2, 2], double_z=False,
+               num_res_blocks=1, z_channels=64, n_embed=64, embed_dim=64, attn_mult=[1, 1], norm_groups=8)
+    torch.manual_seed(0)
+    net = VQIR(**dict(opt, colour_path=True)).eval()
+    plain = VQIR(**opt).eval()
+    assert plain.colour_path is None
+    assert [k for k in net.state_dict() if not k.startswith('colour_path.')] == list(plain.state_dict())
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith('colour_path.')})
+    x = torch.rand(1, 3, 64, 48) * 2 - 1
+    with torch.no_grad():
+        quant_feat = net.encode(x)
+        z = net.quant_conv(net.encoder(x)) + net.colour_path.encode(x)
+        torch.testing.assert_close(quant_feat, net.quantize(z)[0])
+        lr = net.downscale(x)
+        outs, plain_outs = net.upscale(lr), plain.upscale(lr)
+        requant = net.quantize(outs['re_quant_feat'])[0]
+    for name, size in (('SR', (64, 48)), ('Level_1', (64, 48)), ('Level_2', (32, 24)), ('Level_4', (16, 12))):
+        base = net.colour_path.decode(requant, size)
+        torch.testing.assert_close(outs[name], plain_outs[name] + base, msg=name)
+

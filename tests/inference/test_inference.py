@@ -333,3 +333,50 @@ def test_compiled_parts_give_the_same_outputs(net16):
     assert compiled._decoder._orig_mod is net16.decoder
     with pytest.raises(ValueError, match='compile must be'):
         Rescaler(net16, compile=1)
+
+
+def test_a_colour_path_runs_in_whole_images_and_tiles():
+    """A prior with VQGAN's ``colour_path``: the Rescaler adds the block means to the encoder's output
+    and puts every image on the codes' colours, as VQIR does; the path is local (16x16 block means
+    in, bicubic upsampling out, two LR pixels of context), so tiles with 64 pixels of context give
+    the whole image's result."""
+    from vqir.archs.lr_quantizer import quantize_lr
+    from vqir.archs.vqgan_arch import BlockColourPath
+    hr = photo(112, 90)  # padded to 112 x 96
+    net = LocalVQIR()
+    torch.manual_seed(2)
+    net.colour_path = BlockColourPath(3, 8, 16)
+    whole = Rescaler(net, tile=0, decoder_image=True)
+    lr, outs = whole.roundtrip(hr)
+    x = F.pad(hr * 2 - 1, (0, 6, 0, 0), mode='reflect')
+    with torch.no_grad():
+        feat = net.quant_conv(net.encoder(x)) + net.colour_path.encode(x)
+        torch.testing.assert_close(lr, from_network(quantize_lr(net.icrm(feat), noise=False)), atol=1e-6, rtol=0)
+        codes = net.icrm(lr * 2 - 1, rev=True)  # LocalVQIR's quantiser is the identity
+        without = Rescaler(LocalVQIR(), tile=0, decoder_image=True).upscale(lr, out_size=(112, 90))
+    for name, out in outs.items():
+        k = 1 if name == 'SR' else int(name.split('_')[1])
+        base = net.colour_path.decode(codes, size=(112 // k, 96 // k))[..., :out.shape[-2], :out.shape[-1]]
+        torch.testing.assert_close(out, without[name] + base / 2, atol=1e-5, rtol=0, msg=name)  # [0, 1] units
+    tiled = Rescaler(net, tile=32, tile_overlap=64, decoder_image=True)
+    assert torch.equal(tiled.downscale(hr), lr)
+    for name, out in tiled.upscale(lr, out_size=(112, 90)).items():
+        assert (out - outs[name]).abs().max() < 1e-5, name
+
+
+def test_a_network_with_a_colour_path_equals_itself_through_the_rescaler():
+    """The Rescaler builds the images as VQIR does with ``colour_path``."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    from helpers import TINY_VQIR
+    torch.manual_seed(0)
+    net = ARCH_REGISTRY.get('VQIR')(stage=2, ir_scale=16, **TINY_VQIR, attn_mult=[1, 1], colour_path=True).eval()
+    hr = photo(64, 48)
+    lr, outputs = Rescaler(net, decoder_image=True).roundtrip(hr)
+    with torch.inference_mode():
+        ref = net(hr * 2 - 1, is_train=False)
+        ref_sr = net.upscale(ref['LR'])['SR']
+    torch.testing.assert_close(lr, from_network(ref['LR']), atol=1e-6, rtol=0)
+    for name in ('Level_1', 'Level_2', 'Level_4'):
+        torch.testing.assert_close(outputs[name], from_network(ref[name]), atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(outputs['SR'], from_network(ref_sr), atol=1e-6, rtol=0)

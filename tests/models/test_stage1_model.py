@@ -244,3 +244,32 @@ def test_ema_is_what_validation_runs(tmp_path, photo_dirs):
     assert model.rescaler.net is model.ema.net
     with pytest.raises(ValueError, match=r'option train:ema_decay must be a number in \[0, 1\)'):
         tiny_options(tmp_path, photo_dirs, 'train:ema_decay=1.5')
+
+
+def test_a_prior_with_a_colour_path_loads_it_and_keeps_it_frozen(tmp_path, photo_dirs):
+    """``network_g.colour_path``: the prior's block-colour path comes from pretrain_network_vqgan with
+    the rest of the VQGAN (a file without it is refused, strictly), and it does not learn."""
+    opt = tiny_options(tmp_path, photo_dirs, 'network_g:colour_path=true')
+    vqgan_opt = {k: v for k, v in opt['network_g'].items() if k not in ('stage', 'ir_scale')}
+    vqgan_opt['type'] = 'VQGAN'
+    torch.manual_seed(1)
+    prior = build_network(vqgan_opt)
+    with torch.no_grad():
+        prior.colour_path.to_latent.weight.fill_(0.25)
+    ours = tmp_path / 'net_g_stage0.pth'
+    torch.save({'params': prior.state_dict()}, ours)
+    model = build_model(tiny_options(tmp_path, photo_dirs, 'network_g:colour_path=true',
+                                     f'path:pretrain_network_vqgan={ours}'))
+    net = model.bare_net
+    for key, value in prior.state_dict().items():
+        assert torch.equal(net.state_dict()[key].cpu(), value), key
+    before = snapshot(net, ['colour_path', 'icrm'])
+    train_steps(model, fixed_batch(opt), 2)
+    moved = changed(before, net)
+    assert any(k.startswith('icrm.') for k in moved) and not any(k.startswith('colour_path.') for k in moved)
+
+    plain = tmp_path / 'plain.pth'
+    torch.save({'params': {k: v for k, v in prior.state_dict().items() if not k.startswith('colour_path.')}}, plain)
+    with pytest.raises(CheckpointError, match='colour_path'):
+        build_model(tiny_options(tmp_path, photo_dirs, 'network_g:colour_path=true',
+                                 f'path:pretrain_network_vqgan={plain}'))

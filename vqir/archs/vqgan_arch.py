@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = [
     'NORM_GROUPS', 'Normalize', 'warn_if_single_channel_groups', 'swish', 'ResnetBlock', 'AttnBlock', 'Downsample',
-    'Upsample', 'Encoder', 'Decoder',
+    'Upsample', 'Encoder', 'Decoder', 'BlockColourPath',
     'VectorQuantizer', 'VQGAN'
 ]
 
@@ -520,12 +520,52 @@ class VectorQuantizer(nn.Module):
         return z_q
 
 
+class BlockColourPath(nn.Module):
+    """A linear path for the image's f x f block colours, beside the VQGAN's encoder and decoder.
+
+    ``encode``: the f x f block means of the image, projected (1x1) into the quantiser's input space
+    and added to the encoder's output, so that the codes see each block's colour directly.
+    ``decode``: the codes projected (1x1) back to ``channels`` colours and upsampled bicubically,
+    the base the decoder's image is added to. Through GroupNorms, which remove per-image means and
+    scales, a small VQGAN learns colour last (and on few photos not at all); this path gives the codes
+    the one thing a 16x LR keeps of a photo. The output projection starts as the input one's
+    pseudo-inverse, so that at initialisation colours pass through.
+
+    encode: (B, channels, H, W) -> (B, embed_dim, H/f, W/f);
+    decode: (B, embed_dim, h, w) -> (B, channels, h*f, w*f) (or a given size).
+    """
+
+    def __init__(self, channels, embed_dim, factor):
+        super().__init__()
+        self.factor = factor
+        self.to_latent = nn.Conv2d(channels, embed_dim, 1)
+        self.from_latent = nn.Conv2d(embed_dim, channels, 1)
+        self.reset_from_latent()
+
+    @torch.no_grad()
+    def reset_from_latent(self):
+        """``from_latent`` := the pseudo-inverse of ``to_latent`` (a network-wide init may call it again)."""
+        weight = self.to_latent.weight.flatten(1)  # (embed_dim, channels)
+        self.from_latent.weight.copy_(torch.linalg.pinv(weight).view_as(self.from_latent.weight))
+        self.from_latent.bias.copy_(-torch.linalg.pinv(weight) @ self.to_latent.bias)
+
+    def encode(self, x):
+        return self.to_latent(F.avg_pool2d(x, self.factor))
+
+    def decode(self, quant, size=None):
+        """``size``: (H, W) of the output when it is not (h*f, w*f) (e.g. a refinement level's)."""
+        colours = self.from_latent(quant)
+        if size is None:
+            size = (quant.shape[-2] * self.factor, quant.shape[-1] * self.factor)
+        return F.interpolate(colours, size=tuple(size), mode='bicubic', align_corners=False)
+
+
 @ARCH_REGISTRY.register()
 class VQGAN(nn.Module):
     """VQGAN autoencoder with taming's ``VQModel`` layout and API. Images in [-1, 1].
 
-    Submodules (state_dict order): encoder, decoder, quantize, quant_conv, post_quant_conv.
-    For the f16 prior of VQIR: ch 128, ch_mult [1, 1, 2, 2, 4], num_res_blocks 2, z_channels 256,
+    Submodules (state_dict order): encoder, decoder, quantize, quant_conv, post_quant_conv
+    (, colour_path). For the f16 prior of VQIR: ch 128, ch_mult [1, 1, 2, 2, 4], num_res_blocks 2, z_channels 256,
     n_embed 1024, embed_dim 256 (72,141,699 parameters). See ``Encoder``/``Decoder`` for
     ``attn_resolutions``/``resolution``. ``norm_groups``: groups of every GroupNorm (32, taming's);
     a network with few channels needs fewer, so that no group holds a single channel.
@@ -534,7 +574,9 @@ class VQGAN(nn.Module):
     statistics over the whole image and removes each group's mean, so the colour of the output can
     only come from how channels differ inside a group; one group keeps all of that. The parameters
     are the same for any number of groups, so weights load either way (and behave as trained only
-    with the groups they were trained with).
+    with the groups they were trained with). ``colour_path``: add a :class:`BlockColourPath` (the
+    f x f block means into the quantiser's input, the codes' colours under the decoder's image;
+    ``colour_path.*`` parameters after taming's); off by default, taming's layout.
     """
 
     def __init__(self,
@@ -555,7 +597,8 @@ class VQGAN(nn.Module):
                  remap=None,
                  sane_index_shape=False,
                  norm_groups=NORM_GROUPS,
-                 norm_out_groups=None):
+                 norm_out_groups=None,
+                 colour_path=False):
         super().__init__()
         ch_mult = tuple(ch_mult)
         warn_if_single_channel_groups(ch, ch_mult, norm_groups, 'VQGAN', norm_out_groups)
@@ -586,6 +629,10 @@ class VQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.downsample_factor = 2**(len(ch_mult) - 1)
+        if colour_path:
+            self.colour_path = BlockColourPath(in_channels, embed_dim, self.downsample_factor)
+        else:
+            self.colour_path = None
 
     def get_last_layer(self):
         """The decoder's output conv weight (for the adaptive GAN weight of the VQGAN loss)."""
@@ -593,11 +640,19 @@ class VQGAN(nn.Module):
 
     def encode(self, x):
         """x (B, in_channels, H, W) -> (quant (B, embed_dim, H/f, W/f), emb_loss, (perplexity, None, indices))."""
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        z = self.quant_conv(self.encoder(x))
+        if self.colour_path is not None:
+            z = z + self.colour_path.encode(x)
+        return self.quantize(z)
 
     def decode(self, quant, return_feat=False):
         """quant (B, embed_dim, h, w) -> image (B, out_channels, h*f, w*f) [, level features]."""
-        return self.decoder(self.post_quant_conv(quant), return_feat=return_feat)
+        out = self.decoder(self.post_quant_conv(quant), return_feat=return_feat)
+        if self.colour_path is None:
+            return out
+        if return_feat:
+            return out[0] + self.colour_path.decode(quant), out[1]
+        return out + self.colour_path.decode(quant)
 
     def decode_code(self, indices, shape=None, return_feat=False):
         """Decode code indices. shape is taming's (B, h, w, embed_dim); it may be omitted when

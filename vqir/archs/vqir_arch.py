@@ -28,9 +28,18 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from .lr_quantizer import quantize_lr
-from .vqgan_arch import NORM_GROUPS, Decoder, Encoder, VectorQuantizer, warn_if_single_channel_groups
+from .vqgan_arch import NORM_GROUPS, BlockColourPath, Decoder, Encoder, VectorQuantizer, warn_if_single_channel_groups
 
 VQGAN_DOWNSAMPLE_FACTOR = 16
+
+
+
+def add_colour_base(images, quant_feat, colour_path):
+    """Images ``{'name': (B, 3, h, w)}`` on the block colours of the codes ``quant_feat`` (upsampled
+    to each size), when the prior has a ``colour_path`` (a :class:`BlockColourPath`); else as they are."""
+    if colour_path is None:
+        return images
+    return {name: out + colour_path.decode(quant_feat, out.shape[-2:]) for name, out in images.items()}
 
 
 def _build_registered(part_opt, defaults, where):
@@ -68,6 +77,8 @@ class VQIR(nn.Module):
             The VQGAN part must match the prior it loads (see :class:`vqir.archs.vqgan_arch.VQGAN`).
         norm_out_groups: groups of the VQGAN decoder's last GroupNorm, as the prior was trained
             (None: ``norm_groups``; see :class:`vqir.archs.vqgan_arch.VQGAN`).
+        colour_path: the prior has VQGAN's block-colour path (``colour_path.*``, frozen with the
+            prior): the SR and every MSRM level are added to the codes' colours, upsampled.
     """
 
     def __init__(self,
@@ -89,7 +100,8 @@ class VQIR(nn.Module):
                  ifrm=None,
                  msrm=None,
                  norm_groups=NORM_GROUPS,
-                 norm_out_groups=None):
+                 norm_out_groups=None,
+                 colour_path=False):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f'VQIR: stage must be 1 or 2, got {stage!r}')
@@ -114,6 +126,8 @@ class VQIR(nn.Module):
                                         sane_index_shape=sane_index_shape)
         self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        # the prior's block-colour path, when it was trained with one (VQGAN's colour_path)
+        self.colour_path = BlockColourPath(in_channels, embed_dim, VQGAN_DOWNSAMPLE_FACTOR) if colour_path else None
 
         if stage == 2:
             msrm_opt = {'type': 'MSRM'} if msrm is None else msrm
@@ -131,6 +145,8 @@ class VQIR(nn.Module):
         # IFRM is built afterwards so that it keeps its own (identity-like couplings, orthogonal
         # 1x1 convs, fixed Haar filters).
         self.apply(self._init_weights)
+        if self.colour_path is not None:
+            self.colour_path.reset_from_latent()
 
         ifrm_opt = {'type': 'IFRM'} if ifrm is None else ifrm
         self.icrm = _build_registered(
@@ -172,7 +188,10 @@ class VQIR(nn.Module):
     def encode(self, x_hr):
         """HR ``(B, 3, H, W)`` -> codebook vectors ``(B, embed_dim, H/16, W/16)`` (no gradients)."""
         self._check_hr(x_hr)
-        quant_feat, _, _ = self.quantize(self.quant_conv(self.encoder(x_hr)))
+        z = self.quant_conv(self.encoder(x_hr))
+        if self.colour_path is not None:
+            z = z + self.colour_path.encode(x_hr)
+        quant_feat, _, _ = self.quantize(z)
         return quant_feat
 
     @contextmanager
@@ -197,9 +216,17 @@ class VQIR(nn.Module):
     @torch.no_grad()
     def _decode(self, re_quant_feat, image=True):
         """Re-quantise and decode: -> (SR ``(B, 3, H, W)``, or None without ``image``; decoder
-        features ``{'Level_1', 'Level_2', ...}``)."""
+        features ``{'Level_1', 'Level_2', ...}``; the codebook vectors ``(B, embed_dim, H/16, W/16)``)."""
         quant_feat, _, _ = self.quantize(re_quant_feat)
-        return self.decoder(self.post_quant_conv(quant_feat), return_feat=True, image=image)
+        sr, dec_feat = self.decoder(self.post_quant_conv(quant_feat), return_feat=True, image=image)
+        if sr is not None and self.colour_path is not None:
+            sr = sr + self.colour_path.decode(quant_feat)
+        return sr, dec_feat, quant_feat
+
+    def _refine(self, dec_feat, quant_feat):
+        """The MSRM's images ``{'Level_4', 'Level_2', 'Level_1'}``; with a colour path, each on the
+        block colours of the codes upsampled to its size (as the prior's decoder adds its image to them)."""
+        return add_colour_base(self.refine(dec_feat), quant_feat, self.colour_path)
 
     def downscale(self, x_hr, noise=False):
         """HR ``(B, 3, H, W)`` in [-1, 1] -> LR ``(B, 3, H/s, W/s)`` on the 8-bit grid of [-1, 1].
@@ -221,10 +248,10 @@ class VQIR(nn.Module):
         if lr.dim() != 4 or lr.shape[1] != self.out_channels:
             raise ValueError(f'VQIR: LR input must be (B, {self.out_channels}, h, w), got {tuple(lr.shape)}')
         re_quant_feat = self._lr_to_features(lr)
-        sr, dec_feat = self._decode(re_quant_feat)
+        sr, dec_feat, quant_feat = self._decode(re_quant_feat)
         res = {'re_quant_feat': re_quant_feat, 'SR': sr}
         if self.stage == 2:
-            res.update(self.refine(dec_feat))
+            res.update(self._refine(dec_feat, quant_feat))
         if return_feat:
             res['dec_feat'] = dec_feat
         return res
@@ -244,12 +271,12 @@ class VQIR(nn.Module):
             re_quant_feat = self._lr_to_features(lr if lr_channel is None else lr_channel(lr))
             res = {'quant_feat': quant_feat, 'LR': lr, 're_quant_feat': re_quant_feat}
             if not is_train:
-                res['SR'], _ = self._decode(re_quant_feat)
+                res['SR'] = self._decode(re_quant_feat)[0]
             return res
 
         lr = self._features_to_lr(quant_feat, noise=False)
         received = lr if lr_channel is None else lr_channel(lr)
-        _, dec_feat = self._decode(self._lr_to_features(received), image=False)  # the MSRM makes the images
+        _, dec_feat, quant_feat = self._decode(self._lr_to_features(received), image=False)  # the MSRM makes the images
         res = {'LR': lr}
-        res.update(self.refine(dec_feat))
+        res.update(self._refine(dec_feat, quant_feat))
         return res

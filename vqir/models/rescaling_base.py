@@ -43,10 +43,18 @@ from vqir.models.lr_jpeg import LRJPEG, check_lr_jpeg_options, real_jpeg
 from vqir.utils.checkpoint import CheckpointError, load_state_dict
 from vqir.utils.options import OptionsError
 
-__all__ = ['RescalingModel', 'VQGAN_PARTS', 'freeze_in_eval', 'PartsView']
+__all__ = ['RescalingModel', 'VQGAN_PARTS', 'vqgan_parts', 'freeze_in_eval', 'PartsView']
 
 # Top-level parts of VQIR that form the VQGAN prior (taming's VQModel without its loss).
 VQGAN_PARTS = ('encoder', 'decoder', 'quantize', 'quant_conv', 'post_quant_conv')
+
+
+def vqgan_parts(net):
+    """The parts of ``net`` that come from the VQGAN prior: ``VQGAN_PARTS``, and the block-colour
+    path of a prior trained with one (VQGAN's ``colour_path``)."""
+    return VQGAN_PARTS + (('colour_path', ) if getattr(net, 'colour_path', None) is not None else ())
+
+
 # Dataset keys that the stages use as targets.
 TARGET_KEYS = ('gt', 'lq', 'gt_level2', 'gt_level4')
 
@@ -172,9 +180,10 @@ class RescalingModel(VQIRBaseModel):
         path_opt = self.opt['path']
         vqgan_path = path_opt.get('pretrain_network_vqgan')
         if vqgan_path is not None:
-            self.load_network(PartsView(net, VQGAN_PARTS), vqgan_path, strict=path_opt.get('strict_load_vqgan', True),
+            parts = vqgan_parts(net)
+            self.load_network(PartsView(net, parts), vqgan_path, strict=path_opt.get('strict_load_vqgan', True),
                               param_key=path_opt.get('param_key_vqgan', 'auto'))
-            others = ', '.join(f'{name}.*' for name, _ in net.named_children() if name not in VQGAN_PARTS)
+            others = ', '.join(f'{name}.*' for name, _ in net.named_children() if name not in parts)
             self.logger.info(f'{vqgan_path}: VQGAN prior loaded; not read from it: {others}')
         g_path = self._path_option('pretrain_network')
         if g_path is not None:
