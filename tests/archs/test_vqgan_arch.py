@@ -463,3 +463,5 @@ def test_colour_path_gives_the_codes_the_block_colours():
         image, feats = net.decode(quant, return_feat=True)
     torch.testing.assert_close(image, rec)
     assert set(feats) >= {'Level_1', 'Level_2'}
+    with pytest.raises(ValueError, match='colour_path needs as many output channels as input channels'):
+        VQGAN(**dict(TINY, norm_groups=8, colour_path=True, out_channels=1))

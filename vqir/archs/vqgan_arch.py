@@ -564,9 +564,9 @@ class BlockColourPath(nn.Module):
 class VQGAN(nn.Module):
     """VQGAN autoencoder with taming's ``VQModel`` layout and API. Images in [-1, 1].
 
-    Submodules (state_dict order): encoder, decoder, quantize, quant_conv, post_quant_conv
-    (, colour_path). For the f16 prior of VQIR: ch 128, ch_mult [1, 1, 2, 2, 4], num_res_blocks 2, z_channels 256,
-    n_embed 1024, embed_dim 256 (72,141,699 parameters). See ``Encoder``/``Decoder`` for
+    Submodules (state_dict order): encoder, decoder, quantize, quant_conv, post_quant_conv (and
+    colour_path). For the f16 prior of VQIR: ch 128, ch_mult [1, 1, 2, 2, 4], num_res_blocks 2,
+    z_channels 256, n_embed 1024, embed_dim 256 (72,141,699 parameters). See ``Encoder``/``Decoder`` for
     ``attn_resolutions``/``resolution``. ``norm_groups``: groups of every GroupNorm (32, taming's);
     a network with few channels needs fewer, so that no group holds a single channel.
     ``norm_out_groups``: groups of the decoder's last GroupNorm (``decoder.norm_out``, just before
@@ -629,10 +629,10 @@ class VQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.downsample_factor = 2**(len(ch_mult) - 1)
-        if colour_path:
-            self.colour_path = BlockColourPath(in_channels, embed_dim, self.downsample_factor)
-        else:
-            self.colour_path = None
+        if colour_path and in_channels != out_channels:
+            raise ValueError(f'VQGAN: colour_path needs as many output channels as input channels, got '
+                             f'{in_channels} in, {out_channels} out')
+        self.colour_path = BlockColourPath(in_channels, embed_dim, self.downsample_factor) if colour_path else None
 
     def get_last_layer(self):
         """The decoder's output conv weight (for the adaptive GAN weight of the VQGAN loss)."""

@@ -127,6 +127,9 @@ class VQIR(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         # the prior's block-colour path, when it was trained with one (VQGAN's colour_path)
+        if colour_path and in_channels != out_channels:
+            raise ValueError(f'VQIR: colour_path needs as many output channels as input channels, got '
+                             f'{in_channels} in, {out_channels} out')
         self.colour_path = BlockColourPath(in_channels, embed_dim, VQGAN_DOWNSAMPLE_FACTOR) if colour_path else None
 
         if stage == 2:
