@@ -33,7 +33,6 @@ from .vqgan_arch import NORM_GROUPS, BlockColourPath, Decoder, Encoder, VectorQu
 VQGAN_DOWNSAMPLE_FACTOR = 16
 
 
-
 def add_colour_base(images, quant_feat, colour_path):
     """Images ``{'name': (B, 3, h, w)}`` on the block colours of the codes ``quant_feat`` (upsampled
     to each size), when the prior has a ``colour_path`` (a :class:`BlockColourPath`); else as they are."""
