@@ -7,9 +7,10 @@ The checkpoint is read safely (weights only, no code from the file runs). The VQ
 (encoder.*, decoder.*, quantize.*, quant_conv.*, post_quant_conv.*, and colour_path.* of a VQGAN
 trained with one) are written to OUT (.pth: torch.save of a plain state_dict; .safetensors:
 safetensors), after checking that they load strictly into a VQGAN of the given configuration
-(default: taming's f16 ImageNet model, codebook 1024 x 256). Training-only entries (loss.*: LPIPS and discriminator weights) are dropped; with
---keep-discriminator the ``loss.discriminator.*`` tensors are kept under their taming names, and
-checked against a PatchGANDiscriminator of the size the tensors imply.
+(default: taming's f16 ImageNet model, codebook 1024 x 256). Training-only entries (loss.*: LPIPS
+and discriminator weights) are dropped; with --keep-discriminator the ``loss.discriminator.*``
+tensors are kept under their taming names, and checked against a PatchGANDiscriminator of the size
+the tensors imply.
 
 --config takes taming's model YAML (model.params.ddconfig / n_embed / embed_dim), a stage-0
 options file (its network_g) or a flat mapping of VQGAN arguments. It also turns a VQGAN trained

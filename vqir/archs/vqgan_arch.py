@@ -542,12 +542,23 @@ class BlockColourPath(nn.Module):
         self.from_latent = nn.Conv2d(embed_dim, channels, 1)
         self.reset_from_latent()
 
+    @classmethod
+    def build(cls, enabled, in_channels, out_channels, embed_dim, factor, owner):
+        """The path of a network with the ``colour_path`` option, or None when it is off. Its colours
+        are added to the output, so the output needs the input's channels."""
+        if not enabled:
+            return None
+        if in_channels != out_channels:
+            raise ValueError(f'{owner}: colour_path needs as many output channels as input channels, got '
+                             f'{in_channels} in, {out_channels} out')
+        return cls(in_channels, embed_dim, factor)
+
     @torch.no_grad()
     def reset_from_latent(self):
         """``from_latent`` := the pseudo-inverse of ``to_latent`` (a network-wide init may call it again)."""
-        weight = self.to_latent.weight.flatten(1)  # (embed_dim, channels)
-        self.from_latent.weight.copy_(torch.linalg.pinv(weight).view_as(self.from_latent.weight))
-        self.from_latent.bias.copy_(-torch.linalg.pinv(weight) @ self.to_latent.bias)
+        inverse = torch.linalg.pinv(self.to_latent.weight.flatten(1))  # (channels, embed_dim)
+        self.from_latent.weight.copy_(inverse.view_as(self.from_latent.weight))
+        self.from_latent.bias.copy_(-inverse @ self.to_latent.bias)
 
     def encode(self, x):
         return self.to_latent(F.avg_pool2d(x, self.factor))
@@ -629,10 +640,8 @@ class VQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.downsample_factor = 2**(len(ch_mult) - 1)
-        if colour_path and in_channels != out_channels:
-            raise ValueError(f'VQGAN: colour_path needs as many output channels as input channels, got '
-                             f'{in_channels} in, {out_channels} out')
-        self.colour_path = BlockColourPath(in_channels, embed_dim, self.downsample_factor) if colour_path else None
+        self.colour_path = BlockColourPath.build(colour_path, in_channels, out_channels, embed_dim,
+                                                 self.downsample_factor, 'VQGAN')
 
     def get_last_layer(self):
         """The decoder's output conv weight (for the adaptive GAN weight of the VQGAN loss)."""

@@ -126,10 +126,8 @@ class VQIR(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z_channels if double_z else z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         # the prior's block-colour path, when it was trained with one (VQGAN's colour_path)
-        if colour_path and in_channels != out_channels:
-            raise ValueError(f'VQIR: colour_path needs as many output channels as input channels, got '
-                             f'{in_channels} in, {out_channels} out')
-        self.colour_path = BlockColourPath(in_channels, embed_dim, VQGAN_DOWNSAMPLE_FACTOR) if colour_path else None
+        self.colour_path = BlockColourPath.build(colour_path, in_channels, out_channels, embed_dim,
+                                                 VQGAN_DOWNSAMPLE_FACTOR, 'VQIR')
 
         if stage == 2:
             msrm_opt = {'type': 'MSRM'} if msrm is None else msrm
