@@ -338,3 +338,39 @@ def test_ifrm_layout():
     assert ifrm16.operations[5].forw_att.conv_a[0].conv[0].out_channels == 16
     assert ifrm32.operations[5].forw_att.conv_a[0].conv[0].out_channels == 32
     assert isinstance(ifrm32.operations[27], HaarSqueeze) and ifrm32.operations[27].channels == 4
+
+
+def test_ifrm_halvings_set_the_width_of_the_lr_head():
+    """With 64-channel codes, the official 4 halvings leave 2 channels before the LR's 1x1 convolution,
+    so every LR pixel lies on a plane of RGB (warned); 2 halvings give the official head's widths (16 -> 8 -> 3)."""
+    from helpers import basicsr_log_records
+    with basicsr_log_records() as records:
+        IFRM(in_channels=256, out_channels=3)
+        IFRM(in_channels=64, out_channels=3, halvings=2)
+    assert not [r for r in records if r.levelname == 'WARNING']
+    with basicsr_log_records() as records:
+        narrow = IFRM(in_channels=64, out_channels=3)
+    assert any('leave 2 channels before the 3-channel LR' in r.getMessage() and 'at most 3' in r.getMessage()
+               for r in records)
+    torch.manual_seed(0)
+    ifrm16 = IFRM(in_channels=64, out_channels=3, halvings=2)
+    ifrm32 = IFRM(in_channels=64, out_channels=3, ir_scale=32, halvings=2)
+    kinds = {AffineCouplingLayer: 'C', InvertibleConv1x1: 'I', ChannelProjection1x1: 'P', GatedAttentionStep: 'A',
+             HaarSqueeze: 'H'}
+    assert ''.join(kinds[type(s)] for s in ifrm16.operations) == 'CCC' + 'PIACCC' * 2
+    assert ''.join(kinds[type(s)] for s in ifrm32.operations) == 'CCC' + 'PIACCC' * 2 + 'HICCC' + 'PIACCC' * 2
+    for ifrm in (ifrm16, ifrm32):
+        head = ifrm.inpfeat_extraction
+        assert (head[0].in_channels, head[0].out_channels, head[3].out_channels) == (16, 8, 3)
+
+    # the LR's pixels span the colours with 3+ channels before the head's last step, a plane with 2
+    def lr_rank(ifrm):
+        randomize_(ifrm, seed=4, std=0.2)
+        with torch.no_grad():
+            lr = ifrm(_randn((1, 64, 8, 8), 16))
+        pixels = lr.flatten(2)[0].t()
+        return torch.linalg.matrix_rank(pixels - pixels.mean(0), rtol=1e-4).item()
+
+    assert lr_rank(ifrm16) == 3 and lr_rank(narrow) == 2
+    with pytest.raises(ValueError, match='halvings'):
+        IFRM(in_channels=64, out_channels=3, halvings=0)

@@ -250,7 +250,7 @@ def test_a_prior_with_a_colour_path_loads_it_and_keeps_it_frozen(tmp_path, photo
     """``network_g.colour_path``: the prior's block-colour path comes from pretrain_network_vqgan with
     the rest of the VQGAN (a file without it is refused, strictly), and it does not learn."""
     opt = tiny_options(tmp_path, photo_dirs, 'network_g:colour_path=true')
-    vqgan_opt = {k: v for k, v in opt['network_g'].items() if k not in ('stage', 'ir_scale')}
+    vqgan_opt = {k: v for k, v in opt['network_g'].items() if k not in ('stage', 'ir_scale', 'ifrm')}
     vqgan_opt['type'] = 'VQGAN'
     torch.manual_seed(1)
     prior = build_network(vqgan_opt)

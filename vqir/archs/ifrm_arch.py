@@ -18,6 +18,7 @@ non-invertible steps to undo each other. Parameter names equal the official chec
 ``icrm.*`` entries when an :class:`IFRM` is the ``icrm`` attribute of ``VQIR``.
 """
 import torch
+from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
@@ -277,6 +278,14 @@ def _halving_block(channels, attention_hidden_divisor):
     return steps + _coupling_triplet(half), half
 
 
+def _max_halvings(in_channels, out_channels):
+    """The most halvings that leave at least ``out_channels`` channels before the LR head's last step."""
+    halvings = 1
+    while halvings < 4 and in_channels // 2**(halvings + 2) >= out_channels:
+        halvings += 1
+    return halvings
+
+
 @ARCH_REGISTRY.register()
 class IFRM(nn.Module):
     """Invertible feature recovery module for 16x or 32x rescaling.
@@ -287,7 +296,7 @@ class IFRM(nn.Module):
 
     Layout (C = in_channels, 256 in the official models):
 
-    * ``operations``: 3 coupling layers at C; then four halving blocks C -> C/16, each
+    * ``operations``: 3 coupling layers at C; then ``halvings`` (4) halving blocks C -> C/16, each
       ``ChannelProjection1x1 -> InvertibleConv1x1 -> GatedAttentionStep -> 3 coupling layers``.
       For 32x: then ``HaarSqueeze`` (C/16 -> C/4 channels, spatial /2), ``InvertibleConv1x1``,
       3 coupling layers, and two more halving blocks back to C/16.
@@ -296,9 +305,15 @@ class IFRM(nn.Module):
 
     The gated attention blocks use C'/2 hidden channels for 16x and C' for 32x (as in the
     official checkpoints). ``in_channels`` must be a multiple of 64.
+
+    ``halvings``: channel-halving blocks before the LR head (4, the official layout: 256 -> 16).
+    The head's last step is a 1x1 convolution from C/2**(halvings+1) channels to the LR's: with
+    fewer channels than the LR has, every LR pixel lies on a plane (or a line) of RGB, whatever
+    the photo's colour; such a configuration logs a warning. Codes of 64 channels need at most 3
+    halvings (the demo's IFRM: 1, 64 -> 32 channels, head 32 -> 16 -> 3).
     """
 
-    def __init__(self, in_channels=256, out_channels=3, ir_scale=16):
+    def __init__(self, in_channels=256, out_channels=3, ir_scale=16, halvings=4):
         super().__init__()
         if ir_scale not in (16, 32):
             raise ValueError(f'IFRM: ir_scale must be 16 or 32, got {ir_scale}')
@@ -307,11 +322,19 @@ class IFRM(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.ir_scale = ir_scale
+        if halvings not in range(1, 5):
+            raise ValueError(f'IFRM: halvings must be 1 to 4, got {halvings!r}')
+        head_channels = in_channels // 2**(halvings + 1)
+        if head_channels < out_channels:
+            get_root_logger().warning(
+                f'IFRM: {in_channels} input channels halved {halvings} times leave {head_channels} channels before the '
+                f'{out_channels}-channel LR: every LR pixel lies in a {head_channels}-dimensional subspace of its '
+                f'colours; set halvings to at most {_max_halvings(in_channels, out_channels)}')
         attention_hidden_divisor = 2 if ir_scale == 16 else 1
 
         channels = in_channels
         operations = _coupling_triplet(channels)
-        for _ in range(4):
+        for _ in range(halvings):
             steps, channels = _halving_block(channels, attention_hidden_divisor)
             operations += steps
         if ir_scale == 32:
