@@ -63,7 +63,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from vqir.archs.lr_quantizer import quantize_lr
-from vqir.archs.vqir_arch import VQGAN_DOWNSAMPLE_FACTOR, add_colour_base
+from vqir.archs.vqir_arch import VQGAN_DOWNSAMPLE_FACTOR, add_colour_base, refined_images
 from vqir.tiling import Tile, TileBlender, tile_spans
 from vqir.utils.checkpoint import CheckpointError, load_state_dict, load_weights
 from vqir.utils.errors import InputError
@@ -318,6 +318,7 @@ class Rescaler:
             parts = [None if part is None else torch.compile(part, backend=backend) for part in parts]
         self._encoder, self._decoder, self._refine = parts
         self._colour_path = getattr(net, 'colour_path', None)  # a prior trained with VQGAN's colour_path
+        self._refine_residual = self.stage == 2 and getattr(net, 'refine_residual', False)  # MSRM corrects the decoder
 
     # ------------------------------------------------------------------------------------ construction
     @classmethod
@@ -480,11 +481,13 @@ class Rescaler:
 
         def run(feat):
             with self._autocast():
-                sr, dec_feat = self._decoder(net.post_quant_conv(feat), return_feat=True, image=self.decoder_image)
+                sr, dec_feat = self._decoder(net.post_quant_conv(feat), return_feat=True,
+                                             image=self.decoder_image or self._refine_residual)
                 outs = OrderedDict()
                 if self.stage == 2:
-                    outs.update(sorted(self._refine(dec_feat).items(), key=lambda kv: int(kv[0].split('_')[1])))
-                if sr is not None:
+                    refined = refined_images(self._refine, dec_feat, sr if self._refine_residual else None)
+                    outs.update(sorted(refined.items(), key=lambda kv: int(kv[0].split('_')[1])))
+                if self.decoder_image:
                     outs['SR'] = sr
                 # every image on the codes' block colours, as in VQIR
                 outs = OrderedDict(add_colour_base(outs, feat, self._colour_path))

@@ -478,3 +478,40 @@ def test_colour_path_is_the_base_of_every_output():
         base = net.colour_path.decode(requant, size)
         torch.testing.assert_close(outs[name], plain_outs[name] + base, msg=name)
 
+
+
+@pytest.mark.parametrize('colour_path', [False, True])
+def test_refine_residual_corrects_the_decoders_image(colour_path):
+    """``refine_residual``: each MSRM level is the decoder's image, area-downscaled to it, plus the MSRM's
+    image; the MSRM's image convolutions start at zero, so an untrained one gives stage 1's image."""
+    import torch.nn.functional as F
+    opt = dict(stage=2, ir_scale=16, in_channels=3, out_channels=3, ch=32, ch_mult=[1, 2, 2, 2, 2], double_z=False,
+               num_res_blocks=1, z_channels=64, n_embed=64, embed_dim=64, attn_mult=[1, 1], norm_groups=8,
+               colour_path=colour_path)
+    with pytest.raises(ValueError, match='refine_residual is only used in stage 2'):
+        VQIR(**dict(opt, stage=1, attn_mult=None, refine_residual=True))
+    torch.manual_seed(0)
+    net = VQIR(**dict(opt, refine_residual=True)).eval()
+    x = torch.rand(1, 3, 64, 48) * 2 - 1
+    with torch.no_grad():
+        lr = net.downscale(x)
+        outs = net.upscale(lr, return_feat=True)
+        assert torch.equal(net(x, is_train=False)['Level_1'], outs['Level_1'])
+    torch.testing.assert_close(outs['Level_1'], outs['SR'], atol=1e-6, rtol=0)
+    if not colour_path:
+        for name, size in (('Level_2', (32, 24)), ('Level_4', (16, 12))):
+            torch.testing.assert_close(outs[name], F.adaptive_avg_pool2d(outs['SR'], size), msg=name)
+
+    # trained: the MSRM's own images are added to the downscaled decoder image
+    with torch.no_grad():
+        for p in net.refine.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        outs = net.upscale(lr, return_feat=True)
+        refined = net.refine(outs['dec_feat'])
+        image = outs['SR'] - (net.colour_path.decode(net.quantize(outs['re_quant_feat'])[0]) if colour_path else 0)
+    assert (outs['Level_1'] - outs['SR']).abs().max() > 1e-3
+    for name, size in (('Level_1', (64, 48)), ('Level_2', (32, 24)), ('Level_4', (16, 12))):
+        expected = refined[name] + F.adaptive_avg_pool2d(image, size)
+        if colour_path:
+            expected = expected + net.colour_path.decode(net.quantize(outs['re_quant_feat'])[0], size)
+        torch.testing.assert_close(outs[name], expected, atol=1e-5, rtol=0, msg=name)

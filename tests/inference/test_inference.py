@@ -364,15 +364,25 @@ def test_a_colour_path_runs_in_whole_images_and_tiles():
         assert (out - outs[name]).abs().max() < 1e-5, name
 
 
-def test_a_network_with_a_colour_path_equals_itself_through_the_rescaler():
-    """The Rescaler builds the images as VQIR does with ``colour_path``."""
+@pytest.mark.parametrize('refine_residual', [False, True])
+def test_a_network_with_a_colour_path_equals_itself_through_the_rescaler(refine_residual):
+    """The Rescaler builds the images as VQIR does with ``colour_path`` (and ``refine_residual``, with and
+    without the decoder's image among its outputs)."""
     from basicsr.utils.registry import ARCH_REGISTRY
 
     from helpers import TINY_VQIR
     torch.manual_seed(0)
-    net = ARCH_REGISTRY.get('VQIR')(stage=2, ir_scale=16, **TINY_VQIR, attn_mult=[1, 1], colour_path=True).eval()
+    net = ARCH_REGISTRY.get('VQIR')(stage=2, ir_scale=16, **TINY_VQIR, attn_mult=[1, 1], colour_path=True,
+                                    refine_residual=refine_residual).eval()
+    with torch.no_grad():
+        for p in net.refine.parameters():  # a residual MSRM starts at zero: give it something to add
+            p.add_(torch.randn_like(p) * 0.02)
     hr = photo(64, 48)
     lr, outputs = Rescaler(net, decoder_image=True).roundtrip(hr)
+    without_sr = Rescaler(net).upscale(lr)
+    assert list(without_sr) == ['Level_1', 'Level_2', 'Level_4']
+    for name, out in without_sr.items():
+        torch.testing.assert_close(out, outputs[name], atol=1e-6, rtol=0, msg=name)
     with torch.inference_mode():
         ref = net(hr * 2 - 1, is_train=False)
         ref_sr = net.upscale(ref['LR'])['SR']

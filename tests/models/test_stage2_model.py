@@ -78,6 +78,26 @@ def test_training_refines_only_the_msrm(tmp_path, setup):
         assert all(not m.training for m in getattr(net, part).modules()), part
 
 
+def test_a_residual_msrm_starts_at_the_decoders_image_and_learns(tmp_path, setup):
+    """``network_g.refine_residual``: before training, the final image is stage 1's (the decoder's);
+    training moves the MSRM and lowers the L1."""
+    opt = tiny_options(tmp_path, setup, 'network_g:refine_residual=true', 'train:perceptual_opt:loss_weight=0',
+                       'train:gan_start_iter=100')
+    model = build_model(opt)
+    net = model.bare_net
+    batch = fixed_batch(opt)
+    x = batch['gt'] * 2 - 1
+    with torch.no_grad():
+        lr = net.downscale(x)
+        outs = net.upscale(lr)
+    torch.testing.assert_close(outs['Level_1'], outs['SR'], atol=1e-6, rtol=0)
+    refine_before = snapshot(net, ('refine', ))
+    logs = train_steps(model, batch, 25)
+    first, last = logs[0]['l_pix'], np.mean([log['l_pix'] for log in logs[-5:]])
+    assert last < 0.95 * first, f'L1 {first:.3f} -> {last:.3f}'
+    assert len(changed(refine_before, net)) > 0.9 * len(refine_before)
+
+
 def test_gan_start_and_discriminator_warm_up(tmp_path, setup):
     # GAN on after iteration 1; the MSRM waits for 2 discriminator iterations (basicsr's net_d_init_iters)
     opt = tiny_options(tmp_path, setup, 'train:perceptual_opt:loss_weight=0', 'train:gan_start_iter=1',

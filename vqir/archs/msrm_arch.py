@@ -132,6 +132,14 @@ class MSRM(nn.Module):
         for block in self.refine_out[:2]:
             block.temb_proj.requires_grad_(False)
 
+    @torch.no_grad()
+    def zero_image_outputs(self):
+        """Zero the convolutions that write the images (every level's), so that the module outputs zeros:
+        as a correction added to another image, it starts as no correction."""
+        for conv in [branch.img_out for branch in self.refine] + [self.refine_out[-1]]:
+            conv.weight.zero_()
+            conv.bias.zero_()
+
     def _feature(self, feats, level, like=None):
         """feats[level], checked against the expected channels and, if given, the gate's shape."""
         if level not in feats:

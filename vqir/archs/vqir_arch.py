@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
+from torch.nn import functional as F
 
 from .lr_quantizer import quantize_lr
 from .vqgan_arch import NORM_GROUPS, BlockColourPath, Decoder, Encoder, VectorQuantizer, warn_if_single_channel_groups
@@ -39,6 +40,16 @@ def add_colour_base(images, quant_feat, colour_path):
     if colour_path is None:
         return images
     return {name: out + colour_path.decode(quant_feat, out.shape[-2:]) for name, out in images.items()}
+
+
+def refined_images(refine, dec_feat, decoder_image=None):
+    """The refinement module's images ``{'Level_4', 'Level_2', 'Level_1'}`` from the decoder features; with
+    ``decoder_image`` ``(B, 3, H, W)`` (VQIR's ``refine_residual``) each is a correction added to that image,
+    area-downscaled to its level's size."""
+    images = refine(dec_feat)
+    if decoder_image is None:
+        return images
+    return {name: out + F.adaptive_avg_pool2d(decoder_image, out.shape[-2:]) for name, out in images.items()}
 
 
 def _build_registered(part_opt, defaults, where):
@@ -78,6 +89,9 @@ class VQIR(nn.Module):
             (None: ``norm_groups``; see :class:`vqir.archs.vqgan_arch.VQGAN`).
         colour_path: the prior has VQGAN's block-colour path (``colour_path.*``, frozen with the
             prior): the SR and every MSRM level are added to the codes' colours, upsampled.
+        refine_residual: stage 2: the MSRM corrects the decoder's image instead of drawing each level
+            anew: each level is the decoder's image, area-downscaled to it, plus the MSRM's image,
+            whose output convolutions start at zero (an untrained MSRM gives stage 1's image).
     """
 
     def __init__(self,
@@ -100,7 +114,8 @@ class VQIR(nn.Module):
                  msrm=None,
                  norm_groups=NORM_GROUPS,
                  norm_out_groups=None,
-                 colour_path=False):
+                 colour_path=False,
+                 refine_residual=False):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f'VQIR: stage must be 1 or 2, got {stage!r}')
@@ -140,6 +155,9 @@ class VQIR(nn.Module):
             self.refine = _build_registered(msrm_opt, msrm_defaults, 'msrm')
         elif msrm is not None:
             raise ValueError('VQIR: msrm is only used in stage 2, got stage 1')
+        if refine_residual and stage != 2:
+            raise ValueError('VQIR: refine_residual is only used in stage 2, got stage 1')
+        self.refine_residual = bool(refine_residual)
 
         # As in the reference: every part built so far gets the transformer-style init; the
         # IFRM is built afterwards so that it keeps its own (identity-like couplings, orthogonal
@@ -147,6 +165,8 @@ class VQIR(nn.Module):
         self.apply(self._init_weights)
         if self.colour_path is not None:
             self.colour_path.reset_from_latent()
+        if self.refine_residual:
+            self.refine.zero_image_outputs()
 
         ifrm_opt = {'type': 'IFRM'} if ifrm is None else ifrm
         self.icrm = _build_registered(
@@ -215,18 +235,21 @@ class VQIR(nn.Module):
 
     @torch.no_grad()
     def _decode(self, re_quant_feat, image=True):
-        """Re-quantise and decode: -> (SR ``(B, 3, H, W)``, or None without ``image``; decoder
-        features ``{'Level_1', 'Level_2', ...}``; the codebook vectors ``(B, embed_dim, H/16, W/16)``)."""
+        """Re-quantise and decode: -> (the decoder's image ``(B, 3, H, W)``, before the colour path's
+        colours, or None without ``image``; decoder features ``{'Level_1', 'Level_2', ...}``; the codebook
+        vectors ``(B, embed_dim, H/16, W/16)``)."""
         quant_feat, _, _ = self.quantize(re_quant_feat)
-        sr, dec_feat = self.decoder(self.post_quant_conv(quant_feat), return_feat=True, image=image)
-        if sr is not None and self.colour_path is not None:
-            sr = sr + self.colour_path.decode(quant_feat)
-        return sr, dec_feat, quant_feat
+        image, dec_feat = self.decoder(self.post_quant_conv(quant_feat), return_feat=True, image=image)
+        return image, dec_feat, quant_feat
 
-    def _refine(self, dec_feat, quant_feat):
-        """The MSRM's images ``{'Level_4', 'Level_2', 'Level_1'}``; with a colour path, each on the
-        block colours of the codes upsampled to its size (as the prior's decoder adds its image to them)."""
-        return add_colour_base(self.refine(dec_feat), quant_feat, self.colour_path)
+    def _images(self, image, dec_feat, quant_feat):
+        """The output images: ``SR`` (the decoder's, when ``image`` is given) and, in stage 2, the MSRM's
+        ``{'Level_4', 'Level_2', 'Level_1'}``; with a colour path, each on the block colours of the codes
+        upsampled to its size (as the prior's decoder adds its image to them)."""
+        images = {} if image is None else {'SR': image}
+        if self.stage == 2:
+            images.update(refined_images(self.refine, dec_feat, image if self.refine_residual else None))
+        return add_colour_base(images, quant_feat, self.colour_path)
 
     def downscale(self, x_hr, noise=False):
         """HR ``(B, 3, H, W)`` in [-1, 1] -> LR ``(B, 3, H/s, W/s)`` on the 8-bit grid of [-1, 1].
@@ -248,10 +271,9 @@ class VQIR(nn.Module):
         if lr.dim() != 4 or lr.shape[1] != self.out_channels:
             raise ValueError(f'VQIR: LR input must be (B, {self.out_channels}, h, w), got {tuple(lr.shape)}')
         re_quant_feat = self._lr_to_features(lr)
-        sr, dec_feat, quant_feat = self._decode(re_quant_feat)
-        res = {'re_quant_feat': re_quant_feat, 'SR': sr}
-        if self.stage == 2:
-            res.update(self._refine(dec_feat, quant_feat))
+        image, dec_feat, quant_feat = self._decode(re_quant_feat)
+        res = {'re_quant_feat': re_quant_feat}
+        res.update(self._images(image, dec_feat, quant_feat))
         if return_feat:
             res['dec_feat'] = dec_feat
         return res
@@ -271,12 +293,14 @@ class VQIR(nn.Module):
             re_quant_feat = self._lr_to_features(lr if lr_channel is None else lr_channel(lr))
             res = {'quant_feat': quant_feat, 'LR': lr, 're_quant_feat': re_quant_feat}
             if not is_train:
-                res['SR'] = self._decode(re_quant_feat)[0]
+                res['SR'] = self._images(*self._decode(re_quant_feat))['SR']
             return res
 
         lr = self._features_to_lr(quant_feat, noise=False)
         received = lr if lr_channel is None else lr_channel(lr)
-        _, dec_feat, quant_feat = self._decode(self._lr_to_features(received), image=False)  # the MSRM makes the images
+        # the MSRM makes the images (on the decoder's with refine_residual)
+        image, dec_feat, quant_feat = self._decode(self._lr_to_features(received), image=self.refine_residual)
         res = {'LR': lr}
-        res.update(self._refine(dec_feat, quant_feat))
+        res.update(self._images(image, dec_feat, quant_feat))
+        res.pop('SR', None)
         return res
