@@ -479,7 +479,6 @@ def test_colour_path_is_the_base_of_every_output():
         torch.testing.assert_close(outs[name], plain_outs[name] + base, msg=name)
 
 
-
 @pytest.mark.parametrize('colour_path', [False, True])
 def test_refine_residual_corrects_the_decoders_image(colour_path):
     """``refine_residual``: each MSRM level is the decoder's image, area-downscaled to it, plus the MSRM's
