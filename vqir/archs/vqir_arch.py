@@ -242,11 +242,11 @@ class VQIR(nn.Module):
         image, dec_feat = self.decoder(self.post_quant_conv(quant_feat), return_feat=True, image=image)
         return image, dec_feat, quant_feat
 
-    def _images(self, image, dec_feat, quant_feat):
-        """The output images: ``SR`` (the decoder's, when ``image`` is given) and, in stage 2, the MSRM's
-        ``{'Level_4', 'Level_2', 'Level_1'}``; with a colour path, each on the block colours of the codes
-        upsampled to its size (as the prior's decoder adds its image to them)."""
-        images = {} if image is None else {'SR': image}
+    def _images(self, image, dec_feat, quant_feat, with_sr=True):
+        """The output images: ``SR`` (the decoder's, when ``image`` is given and ``with_sr``) and, in stage 2,
+        the MSRM's ``{'Level_4', 'Level_2', 'Level_1'}``; with a colour path, each on the block colours of the
+        codes upsampled to its size (as the prior's decoder adds its image to them)."""
+        images = {'SR': image} if image is not None and with_sr else {}
         if self.stage == 2:
             images.update(refined_images(self.refine, dec_feat, image if self.refine_residual else None))
         return add_colour_base(images, quant_feat, self.colour_path)
@@ -301,6 +301,5 @@ class VQIR(nn.Module):
         # the MSRM makes the images (on the decoder's with refine_residual)
         image, dec_feat, quant_feat = self._decode(self._lr_to_features(received), image=self.refine_residual)
         res = {'LR': lr}
-        res.update(self._images(image, dec_feat, quant_feat))
-        res.pop('SR', None)
+        res.update(self._images(image, dec_feat, quant_feat, with_sr=False))
         return res
