@@ -248,6 +248,10 @@ def train_pipeline(root_path, argv=None):
     pbar = tqdm(total=total_iters, initial=current_iter, unit='it', desc=opt['name'], dynamic_ncols=True,
                 disable=not show_pbar)
 
+    if val_opt is not None and val_loaders and val_opt.get('keep_best') and current_iter == 0:
+        # the starting network is a candidate too (e.g. a stage 2 that starts as stage 1's image)
+        for val_loader in val_loaders:
+            model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
     logger.info(f'Start training from epoch: {start_epoch}, iter: {current_iter}')
     data_timer, iter_timer = AvgTimer(), AvgTimer()
     start_time = time.time()

@@ -3,7 +3,7 @@
 
     python scripts/data_preparation/export_demo_data.py [--out datasets/demo]
 
-writes <out>/train/*.png and <out>/val/*.png (RGB, 8 bit). No network is needed: only photos
+writes <out>/train/*.png, <out>/val/*.png and <out>/select/*.png (RGB, 8 bit). No network is needed: only photos
 that scikit-image ships inside its package are used. The output is deterministic (the same bytes
 on every run) and the script is idempotent: files whose bytes already match are left alone.
 
@@ -14,6 +14,8 @@ val:   three natural photos never trained on: chelsea (300x451, sides not multip
        coffee (400x600) and the right part of the right motorcycle view (a region the train crop
        does not show in either view); and colorwheel (370x371), a synthetic chart that the demo
        reports on a row of its own.
+select: photos in neither set, on which stage 2 picks its checkpoint (``val.keep_best``): the
+       grayscale photos camera (512x512), coins (303x384) and moon (512x512), as RGB (R = G = B).
 """
 import argparse
 import os
@@ -34,6 +36,10 @@ PNG_COMPRESSION = 3
 # >= 400 show scene points at left-view columns >= 407, well clear of the train crop (< 352).
 MOTORCYCLE_TRAIN_COLUMNS = (0, 352)
 MOTORCYCLE_VAL_COLUMNS = (400, 741)
+SPLITS = ('train', 'val', 'select')
+# grayscale photos: a model selection set that tells nothing of colour, but is neither trained on
+# nor the photos the demo reports on
+SELECT_PHOTOS = ('camera', 'coins', 'moon')
 
 
 def fit_longer_side(img, max_side=MAX_SIDE):
@@ -65,8 +71,10 @@ def demo_images():
         'motorcycle_right': lambda: motorcycle_view('right', MOTORCYCLE_VAL_COLUMNS),
         'colorwheel': skdata.colorwheel,
     }
+    select = {name: lambda name=name: np.repeat(getattr(skdata, name)()[..., None], 3, axis=2)
+              for name in SELECT_PHOTOS}
     images = {}
-    for split, loaders in (('train', train), ('val', val)):
+    for split, loaders in (('train', train), ('val', val), ('select', select)):
         for name, load in loaders.items():
             img = np.ascontiguousarray(load())
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
@@ -99,14 +107,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     images = demo_images()
-    for split in ('train', 'val'):
+    for split in SPLITS:
         os.makedirs(osp.join(args.out, split), exist_ok=True)
     for (split, name), img in images.items():
         path = osp.join(args.out, split, name)
         status = write_if_changed(path, encode_png(img))
         print(f'{status:9s} {path}  ({img.shape[0]}x{img.shape[1]})')
-    print(f'demo set in {args.out}: {sum(s == "train" for s, _ in images)} train, '
-          f'{sum(s == "val" for s, _ in images)} val images')
+    counts = ', '.join(f'{sum(s == split for s, _ in images)} {split}' for split in SPLITS)
+    print(f'demo set in {args.out}: {counts} images')
     return 0
 
 

@@ -1,11 +1,12 @@
 """The built-in demo: VQIR end to end on the photos that ship with scikit-image (`make demo`).
 
 Steps (each a normal command you can also run by hand):
-  1. python scripts/data_preparation/export_demo_data.py          -> datasets/demo/{train,val}
+  1. python scripts/data_preparation/export_demo_data.py          -> datasets/demo/{train,val,select}
   2. the VQGAN prior: pretrained/demo_vqgan_f16.safetensors, made by
      python vqir/train.py -opt options/train/demo_stage0_vqgan.yml     (only with --train-prior)
   3. python vqir/train.py -opt options/train/demo_stage1_ifrm_x16.yml  (IFRM on that VQGAN)
-  4. python vqir/train.py -opt options/train/demo_stage2_msrm_x16.yml  (MSRM on stage 1)
+  4. python vqir/train.py -opt options/train/demo_stage2_msrm_x16.yml  (MSRM on stage 1; keeps the state
+     that reconstructs the select photos best, untrained included, as net_g_best.pth)
   5. python vqir/test.py  -opt options/test/demo_x16.yml               (held-out photos)
   6. the report in results/demo/: bicubic, the VQGAN alone, stage 1 and VQIR side by side, in a
      table and in figures, and the training curves.
@@ -35,6 +36,7 @@ TEST_OPT = 'options/test/demo_x16.yml'
 PRETRAINED_PRIOR = 'pretrained/demo_vqgan_f16.safetensors'
 TRAINED_PRIOR = 'experiments/demo_stage0_vqgan/models/net_g_latest.pth'
 QUICK_ITERS = 4
+DEMO_SPLITS = ('train', 'val', 'select')  # what export_demo_data.py writes
 
 
 def run(cmd, root):
@@ -83,7 +85,7 @@ def main(argv=None):
     root = osp.abspath(args.root)
     start = time.time()
 
-    if not osp.isdir(osp.join(ROOT, 'datasets', 'demo', 'train')):
+    if not all(osp.isdir(osp.join(ROOT, 'datasets', 'demo', split)) for split in DEMO_SPLITS):
         run([osp.join('scripts', 'data_preparation', 'export_demo_data.py')], root)
     prior = osp.join(root, TRAINED_PRIOR) if args.train_prior else osp.join(ROOT, PRETRAINED_PRIOR)
     if not args.train_prior and not osp.isfile(prior):
@@ -96,10 +98,13 @@ def main(argv=None):
     from vqir.utils.allocator import use_huge_pages
     use_huge_pages()  # the report runs the networks here: before its first tensor, as vqir's entry points
     from demo_report import StageNetworks, write_demo_report
+    from vqir.utils.options import load_options_file
     stage1_weights = osp.join(root, 'experiments', STAGES[0][2], 'models', 'net_g_latest.pth')
     networks = StageNetworks(osp.join(ROOT, PRIOR_STAGE[1]), prior, osp.join(ROOT, STAGES[0][1]), stage1_weights)
     names = ([PRIOR_STAGE[2]] if args.train_prior else []) + [name for _, _, name in STAGES]
-    report = write_demo_report(root, osp.join(ROOT, 'datasets', 'demo', 'val'), networks, names)
+    keep_best = (load_options_file(osp.join(ROOT, STAGES[1][1])).get('val') or {}).get('keep_best')
+    report = write_demo_report(root, osp.join(ROOT, 'datasets', 'demo', 'val'), networks, names,
+                               stage2_selection=(STAGES[1][2], keep_best) if keep_best else None)
     minutes = (time.time() - start) / 60
     print(f'\nDemo finished in {minutes:.1f} min. Results in {osp.join(root, "results", "demo")}:')
     for line in report:

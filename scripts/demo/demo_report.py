@@ -177,7 +177,39 @@ def _table_rows(photos, means):
     return rows
 
 
-def write_table(photos, means, scale, out_dir):
+def kept_state(experiment_dir, keep_best):
+    """Which validated state a ``val.keep_best`` run kept: (its iteration, {iteration: mean of the metric}),
+    from the run's metrics CSVs (``visualization/metrics_<set>_<iter>.csv``); None when there are none."""
+    dataset, metric = keep_best['dataset'], keep_best['metric']
+    vis = osp.join(experiment_dir, 'visualization')
+    prefix = f'metrics_{dataset}_'
+    means = {}
+    for file_name in os.listdir(vis) if osp.isdir(vis) else []:
+        if file_name.startswith(prefix) and file_name.endswith('.csv') and file_name[len(prefix):-4].isdigit():
+            with open(osp.join(vis, file_name), newline='', encoding='utf-8') as f:
+                rows = [r for r in csv.DictReader(f) if r['image'] == 'mean']
+            if rows and rows[0].get(metric):
+                means[int(file_name[len(prefix):-4])] = float(rows[0][metric])
+    if not means:
+        return None
+    order = sorted(means)  # the earliest of equal values, as the run keeps it (higher is better here)
+    return max(order, key=lambda it: means[it]), {it: means[it] for it in order}
+
+
+def kept_state_line(experiment_dir, keep_best):
+    """One line for the report: which stage-2 state the VQIR rows show, and why."""
+    kept = kept_state(experiment_dir, keep_best)
+    if kept is None:
+        return None
+    best_iter, means = kept
+    scores = ', '.join(f'{it}: {value:.2f}' for it, value in means.items())
+    untrained = ' (the untrained MSRM, i.e. stage 1\'s image)' if best_iter == 0 else ''
+    return (f'VQIR is stage 2 at iteration {best_iter}{untrained}: of the states validated, the one with the best '
+            f'{keep_best["metric"]} on {keep_best["dataset"]}, photos neither trained on nor reported here '
+            f'(val.keep_best; iteration: mean {scores}).')
+
+
+def write_table(photos, means, scale, out_dir, extra_lines=()):
     keys = [k for k, _ in IMAGE_METRICS + LR_METRICS]
     header = ['image', 'size', f'x{scale}'] + [t for _, t in IMAGE_METRICS + LR_METRICS]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -191,8 +223,8 @@ def write_table(photos, means, scale, out_dir):
             'the same way: how close an LR made from the prior\'s codes can come. The mean is over the natural '
             'photos; charts have rows of their own. Figures measured by this demo run (small networks trained on '
             'six photos), not the paper\'s.')
-    text = '\n'.join(lines) + '\n\n' + note + '\n' + ('\nTargets:\n' + '\n'.join(target_lines) + '\n'
-                                                      if target_lines else '')
+    text = '\n'.join(lines) + '\n\n' + note + '\n' + ''.join(f'\n{line}\n' for line in extra_lines) + (
+        '\nTargets:\n' + '\n'.join(target_lines) + '\n' if target_lines else '')
     atomic_write_bytes(osp.join(out_dir, 'comparison.md'), text.encode('utf-8'))
 
     def write_csv(tmp_path):
@@ -273,14 +305,20 @@ def write_curves(root, experiment_names, out_dir):
     return paths
 
 
-def write_demo_report(root, hr_dir, networks, experiment_names, name='demo', dataset='demo_val', scale=16):
+def write_demo_report(root, hr_dir, networks, experiment_names, name='demo', dataset='demo_val', scale=16,
+                      stage2_selection=None):
     """Writes the table, figures and curves under ``<root>/results/<name>/``; returns lines to print.
 
-    ``networks``: a :class:`StageNetworks` (the stage-0 and stage-1 networks of this run)."""
+    ``networks``: a :class:`StageNetworks` (the stage-0 and stage-1 networks of this run).
+    ``stage2_selection``: (stage 2's experiment name, its ``val.keep_best``): the table says which state it kept."""
     out_dir = osp.join(root, 'results', name)
     photos = compare(hr_dir, osp.join(out_dir, dataset), scale, networks)
     means = mean_metrics(photos)
-    table = write_table(photos, means, scale, out_dir)
+    extra = []
+    if stage2_selection is not None:
+        line = kept_state_line(osp.join(root, 'experiments', stage2_selection[0]), stage2_selection[1])
+        extra = [line] if line else []
+    table = write_table(photos, means, scale, out_dir, extra)
     figures = write_figures(photos, scale, osp.join(out_dir, 'figures'))
     curves = write_curves(root, experiment_names, osp.join(out_dir, 'curves'))
     print('\n' + table)

@@ -161,6 +161,36 @@ def test_best_metric_values_are_logged_and_survive_a_resume(tmp_path, data_dirs)
             data_dirs, 'val:metrics:colour={type: calculate_ciede2000, output: rec, target: gt, better: less}'))
 
 
+# with this seed the best of iterations 0, 2 and 4 is: psnr 4, colour 4 (after a worse 2), inverted psnr 2,
+# inverted colour 0 (the untrained network)
+@pytest.mark.parametrize('metric, better', [('psnr', 'higher'), ('colour', 'lower'), ('psnr', 'lower'),
+                                            ('colour', 'higher')])
+def test_keep_best_saves_the_networks_of_the_best_validation(tmp_path, data_dirs, metric, better):
+    """val.keep_best: a new run also validates before its first step, and <net>_best.pth holds the networks
+    of the validation with that set's best mean (the earliest of equal ones), across a resume."""
+    root = str(tmp_path / 'root')
+    pick = max if better == 'higher' else min
+    common = ['logger:save_checkpoint_freq=2', 'val:val_freq=2', 'train:vqgan_loss_opt:disc_start=100',
+              f'val:metrics:psnr:better={"higher" if metric == "colour" else better}',
+              f'val:metrics:colour={{type: calculate_ciede2000, output: rec, target: gt, better: '
+              f'{better if metric == "colour" else "lower"}}}',
+              f'val:keep_best={{dataset: demo_val, metric: {metric}}}']
+    train_pipeline(root, argv=train_argv(data_dirs, 'train:total_iter=2', *common))
+    train_pipeline(root, argv=train_argv(data_dirs, 'train:total_iter=4', *common, extra=['--auto_resume']))
+    exp = osp.join(root, 'experiments', NAME)
+    means = {it: float(read_csv(osp.join(exp, 'visualization', f'metrics_demo_val_{it}.csv'))[-1][metric])
+             for it in (0, 2, 4)}
+    best_iter = pick((0, 2, 4), key=lambda it: means[it])  # the first of equal ones
+    models = osp.join(exp, 'models')
+    best = torch.load(osp.join(models, 'net_g_best.pth'), weights_only=True)['params']
+    saved = {it: torch.load(osp.join(models, f'net_g_{it}.pth'), weights_only=True)['params'] for it in (2, 4)}
+    for it, params in saved.items():
+        same = all(torch.equal(best[k], v) for k, v in params.items())
+        assert same == (it == best_iter), (it, best_iter, means)  # best_iter 0: equal to neither
+    log = read_text(sorted(glob.glob(osp.join(exp, f'train_{NAME}_*.log')))[0])  # the first run's log
+    assert f'Best demo_val/{metric} ' in log and '@ iter 0' in log  # validated before training
+
+
 class _FakeWandb:
     """The part of the wandb module a run uses: init(...) -> run with id, log(), finish()."""
 

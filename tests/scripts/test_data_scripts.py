@@ -16,6 +16,7 @@ DEMO_TRAIN = {
     'motorcycle_left.png'
 }
 DEMO_VAL = {'chelsea.png', 'coffee.png', 'motorcycle_right.png', 'colorwheel.png'}
+DEMO_SELECT = {'camera.png', 'coins.png', 'moon.png'}
 
 
 def random_image(height, width, seed, dtype=np.uint8):
@@ -44,11 +45,12 @@ def test_export_demo_data_is_deterministic_and_idempotent(tmp_path, capsys):
     run = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'data_preparation', 'export_demo_data.py'),
                           '--out', str(tmp_path / 'a')], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.count('written') == len(DEMO_TRAIN | DEMO_VAL)
+    assert run.stdout.count('written') == len(DEMO_TRAIN | DEMO_VAL | DEMO_SELECT)
     assert export.main(['--out', str(tmp_path / 'b')]) == 0
 
     first, second = folder_bytes(tmp_path / 'a'), folder_bytes(tmp_path / 'b')
-    assert set(first) == {f'train/{n}' for n in DEMO_TRAIN} | {f'val/{n}' for n in DEMO_VAL}
+    assert set(first) == ({f'train/{n}' for n in DEMO_TRAIN} | {f'val/{n}' for n in DEMO_VAL}
+                          | {f'select/{n}' for n in DEMO_SELECT})
     assert first == second  # same bytes
 
     capsys.readouterr()
@@ -62,6 +64,8 @@ def test_export_demo_data_is_deterministic_and_idempotent(tmp_path, capsys):
         assert max(img.shape[:2]) <= (512 if name.startswith('train') else 600) and min(img.shape[:2]) >= 256
     assert cv2.imread(str(tmp_path / 'a' / 'val' / 'chelsea.png')).shape == (300, 451, 3)
     assert cv2.imread(str(tmp_path / 'a' / 'val' / 'coffee.png')).shape == (400, 600, 3)  # held out at full size
+    coins = cv2.imread(str(tmp_path / 'a' / 'select' / 'coins.png'))
+    assert coins.shape == (303, 384, 3) and (coins == coins[..., :1]).all()  # grey photos as RGB
 
 
 def test_demo_motorcycle_views_do_not_overlap():

@@ -35,6 +35,8 @@ def test_quick_demo_runs_stages_from_the_pretrained_prior_and_writes_the_report(
         assert osp.isfile(tmp_path / 'experiments' / name / 'models' / 'net_g_latest.pth'), name
         with open(tmp_path / 'experiments' / name / 'train_log.csv', newline='') as f:
             assert len(list(csv.DictReader(f))) == 4  # print_freq 1, 4 iterations
+    # stage 2 keeps the state that validated best on the select photos (iteration 0 or 4); the test uses it
+    assert osp.isfile(tmp_path / 'experiments' / 'demo_stage2_msrm_x16' / 'models' / 'net_g_best.pth')
 
     results = tmp_path / 'results' / 'demo'
     photos = sorted(osp.splitext(p)[0] for p in os.listdir(osp.join(ROOT, 'datasets', 'demo', 'val')))
@@ -64,6 +66,7 @@ def test_quick_demo_runs_stages_from_the_pretrained_prior_and_writes_the_report(
     assert float(chelsea['VQGAN alone']['ciede2000']) < 2 * float(chelsea['bicubic']['ciede2000'])
     table = (results / 'comparison.md').read_text()
     assert 'CIEDE2000' in table and 'not the paper' in table and 'Targets:' in table
+    assert 'VQIR is stage 2 at iteration ' in table and 'on demo_select' in table
     assert f'Results in {results}' in proc.stdout
 
 
@@ -104,3 +107,21 @@ def test_report_targets_read_the_means():
     assert [met for _, _, met in report.targets(means)] == [True, True, True, True]
     means['vqir'] = dict(means['vqir'], ciede2000=14.0, y_psnr=18.7, lr_rgb_psnr=25.0)
     assert [met for _, _, met in report.targets(means)] == [False, True, False, False]
+
+
+def test_report_names_the_stage2_state_that_keep_best_kept(tmp_path):
+    report = load_demo_script('demo_report')
+    keep_best = {'dataset': 'demo_select', 'metric': 'psnr_level1'}
+    vis = tmp_path / 'visualization'
+    vis.mkdir()
+    assert report.kept_state(str(tmp_path), keep_best) is None  # no validation yet: no line
+    for it, value in ((0, 25.0), (300, 25.2), (600, 25.2)):
+        (vis / f'metrics_demo_select_{it}.csv').write_text(
+            f'image,psnr_level1\ncamera,{value - 1}\nmean,{value}\n', encoding='utf-8')
+    (vis / 'metrics_demo_val_300.csv').write_text('image,psnr_level1\nmean,30.0\n', encoding='utf-8')  # another set
+    assert report.kept_state(str(tmp_path), keep_best) == (300, {0: 25.0, 300: 25.2, 600: 25.2})  # earliest of ties
+    line = report.kept_state_line(str(tmp_path), keep_best)
+    assert line.startswith('VQIR is stage 2 at iteration 300: ') and '0: 25.00, 300: 25.20, 600: 25.20' in line
+    (vis / 'metrics_demo_select_300.csv').write_text('image,psnr_level1\nmean,24.0\n', encoding='utf-8')
+    (vis / 'metrics_demo_select_600.csv').write_text('image,psnr_level1\nmean,24.5\n', encoding='utf-8')
+    assert 'iteration 0 (the untrained MSRM' in report.kept_state_line(str(tmp_path), keep_best)

@@ -99,6 +99,12 @@ OPTION_ERRORS = [
      "option val:metrics:psnr: calculate_psnr missing a required argument: 'crop_border'"),
     ('saved_output_typo', '  save_img: true', '  save_img: true\n  outputs: [Rec]',
      'option val:outputs: VQGANModel has no image named "Rec" (did you mean "rec"?); it has rec, gt'),
+    ('metric_keep_best_set', '  save_img: true', '  save_img: true\n  keep_best: {dataset: demo_train, metric: psnr}',
+     "option val:keep_best:dataset must be the name of a validation set (demo_val), got 'demo_train'"),
+    ('metric_keep_best_metric', '  save_img: true', '  save_img: true\n  keep_best: {dataset: demo_val, metric: lpips}',
+     "option val:keep_best:metric must be an entry of val:metrics (psnr, ssim), got 'lpips'"),
+    ('metric_keep_best_form', '  save_img: true', '  save_img: true\n  keep_best: psnr',
+     "option val:keep_best must be a mapping with the keys dataset and metric, got 'psnr'"),
 ]
 
 
@@ -138,6 +144,8 @@ TEST_PIPELINE_ERRORS = [
     ('missing_inception_weights', ['val:metrics:fid={type: calculate_fid, output: rec, target: gt}'],
      'option val:metrics:fid: FID / KID (the Inception-V3 of torch-fidelity) needs the weights file '
      "'weights-inception-2015-12-05-6726825d.pth'"),
+    ('keep_best_in_a_test', ['val:keep_best={dataset: photos, metric: psnr}'],
+     'option val:keep_best is read only by train.py; a test run would ignore it'),
 ]
 
 

@@ -183,14 +183,20 @@ class VQIRBaseModel(ValidationMixin, BaseModel):
 
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
-        """``<models>/<net_label>_<iter>.pth``: ``{param_key: weights}``, plus ``params_ema`` for net_g
-        when an EMA is kept (basicsr's layout)."""
+        """``<models>/<net_label>_<iter>.pth`` (``latest`` for -1; ``current_iter`` may also be a word such as
+        ``best``): ``{param_key: weights}``, plus ``params_ema`` for net_g when an EMA is kept (basicsr's layout)."""
         label = 'latest' if current_iter == -1 else current_iter
         save_path = osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth')
         params = {param_key: self.get_bare_model(net).state_dict()}
         if net_label == 'net_g' and self.ema is not None:
             params['params_ema'] = self.ema.state_dict()
         save_state_dict(params, save_path)
+
+    def save_best(self):
+        """``<models>/<net_label>_best.pth`` for every saved network: the state that scored best on
+        ``val:keep_best`` (validation runs on rank 0 only, so this writes from rank 0 alone)."""
+        for label, net in self.saved_networks.items():
+            self.save_network(net, label, 'best')
 
     def save(self, epoch, current_iter):
         extra = self.extra_training_state() if current_iter != -1 else {}  # on every process (see there)

@@ -141,19 +141,25 @@ class ValidationMixin:
 
     def _update_best_metrics(self, dataset_name, means, current_iter, logger):
         """Keep and log the best mean of every ``val:metrics`` entry (``better: higher`` by default,
-        or ``lower``) and the iteration that reached it, as basicsr does."""
-        metric_opts = (self.opt.get('val') or {}).get('metrics') or {}
-        for name, metric_opt in metric_opts.items():
+        or ``lower``) and the iteration that reached it, as basicsr does. With ``val:keep_best``, a new
+        best of that set's metric saves the networks as ``<net>_best.pth`` (a tie keeps the earlier)."""
+        val_opt = self.opt.get('val') or {}
+        keep_best = val_opt.get('keep_best') or {}
+        for name, metric_opt in (val_opt.get('metrics') or {}).items():
             value = means.get(name)
             if value is None or not math.isfinite(value):
                 continue
             key = f'{dataset_name}/{name}'
             best = self.best_metrics.get(key)
             lower = metric_opt.get('better', 'higher') == 'lower'
-            if best is None or (value < best['value'] if lower else value > best['value']):
+            improved = best is None or (value < best['value'] if lower else value > best['value'])
+            if improved:
                 best = self.best_metrics[key] = {'value': value, 'iter': current_iter}
             logger.info(f'Best {key} ({"lower" if lower else "higher"} is better): {best["value"]:.4f} '
                         f'@ iter {best["iter"]}')
+            if improved and keep_best.get('dataset') == dataset_name and keep_best.get('metric') == name:
+                self.save_best()
+                logger.info(f'{key} {value:.4f} is the best so far: networks saved as <net>_best.pth')
 
     def _summarise_metrics(self, rows, set_metrics, dataset_name, current_iter, tb_logger):
         image_columns = [c for c in (rows[0].keys() if rows else []) if c != 'image']

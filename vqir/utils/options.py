@@ -56,7 +56,7 @@ DERIVED_PATH_KEYS = ('models', 'training_states', 'log', 'visualization')
 KNOWN_LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb', 'pbar'}
 KNOWN_WANDB_KEYS = ('project', 'entity', 'resume_id')
 # val: keys every model reads; a model adds the ones only it reads in its ``val_keys``
-KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images'}
+KNOWN_VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'outputs', 'max_images', 'keep_best'}
 # train: keys every model reads, besides optimisers (optim_*) and losses (*_opt); a model adds the
 # ones only it reads in its ``train_keys`` and checks their values in its ``check_options`` hook
 KNOWN_TRAIN_KEYS = {'total_iter', 'warmup_iter', 'scheduler', 'max_bad_steps', 'grad_clip_norm', 'mixed_precision'}
@@ -207,6 +207,23 @@ def check_options(opt, opt_path, is_train):
     if opt.get('val') is not None and 'val_freq' in opt['val']:
         _expect(_is_number(opt['val']['val_freq']) and opt['val']['val_freq'] > 0, opt_path, 'val:val_freq',
                 'must be a positive number')
+    if (opt.get('val') or {}).get('keep_best') is not None:
+        _check_keep_best(opt, opt_path, is_train)
+
+
+def _check_keep_best(opt, opt_path, is_train):
+    """``val:keep_best: {dataset: <a val set's name>, metric: <a val:metrics entry>}`` (training only)."""
+    keep_best = opt['val']['keep_best']
+    _expect(is_train, opt_path, 'val:keep_best', 'is read only by train.py; a test run would ignore it')
+    _expect(isinstance(keep_best, dict) and set(keep_best) == {'dataset', 'metric'}, opt_path, 'val:keep_best',
+            f'must be a mapping with the keys dataset and metric, got {keep_best!r}')
+    val_sets = [d.get('name') for phase, d in opt['datasets'].items() if phase.startswith('val')]
+    _expect(keep_best['dataset'] in val_sets, opt_path, 'val:keep_best:dataset',
+            f'must be the name of a validation set ({", ".join(map(str, val_sets)) or "none in datasets"}), '
+            f'got {keep_best["dataset"]!r}')
+    metrics = opt['val'].get('metrics') or {}
+    _expect(keep_best['metric'] in metrics, opt_path, 'val:keep_best:metric',
+            f'must be an entry of val:metrics ({", ".join(metrics) or "none"}), got {keep_best["metric"]!r}')
 
 
 def _registered(registry, kind, name, opt_path, key):
