@@ -102,9 +102,14 @@ def main(argv=None):
     stage1_weights = osp.join(root, 'experiments', STAGES[0][2], 'models', 'net_g_latest.pth')
     networks = StageNetworks(osp.join(ROOT, PRIOR_STAGE[1]), prior, osp.join(ROOT, STAGES[0][1]), stage1_weights)
     names = ([PRIOR_STAGE[2]] if args.train_prior else []) + [name for _, _, name in STAGES]
-    keep_best = (load_options_file(osp.join(ROOT, STAGES[1][1])).get('val') or {}).get('keep_best')
+    stage2_val = load_options_file(osp.join(ROOT, STAGES[1][1])).get('val') or {}
+    selection = None
+    if stage2_val.get('keep_best'):
+        keep_best = stage2_val['keep_best']
+        better = stage2_val['metrics'][keep_best['metric']].get('better', 'higher')
+        selection = (STAGES[1][2], dict(keep_best, better=better))
     report = write_demo_report(root, osp.join(ROOT, 'datasets', 'demo', 'val'), networks, names,
-                               stage2_selection=(STAGES[1][2], keep_best) if keep_best else None)
+                               stage2_selection=selection)
     minutes = (time.time() - start) / 60
     print(f'\nDemo finished in {minutes:.1f} min. Results in {osp.join(root, "results", "demo")}:')
     for line in report:

@@ -179,7 +179,8 @@ def _table_rows(photos, means):
 
 def kept_state(experiment_dir, keep_best):
     """Which validated state a ``val.keep_best`` run kept: (its iteration, {iteration: mean of the metric}),
-    from the run's metrics CSVs (``visualization/metrics_<set>_<iter>.csv``); None when there are none."""
+    from the run's metrics CSVs (``visualization/metrics_<set>_<iter>.csv``); None when there are none.
+    ``keep_best``: the option's ``dataset`` and ``metric``, and ``better`` (the metric's, ``higher`` by default)."""
     dataset, metric = keep_best['dataset'], keep_best['metric']
     vis = osp.join(experiment_dir, 'visualization')
     prefix = f'metrics_{dataset}_'
@@ -192,8 +193,9 @@ def kept_state(experiment_dir, keep_best):
                 means[int(file_name[len(prefix):-4])] = float(rows[0][metric])
     if not means:
         return None
-    order = sorted(means)  # the earliest of equal values, as the run keeps it (higher is better here)
-    return max(order, key=lambda it: means[it]), {it: means[it] for it in order}
+    order = sorted(means)  # the earliest of equal values, as the run keeps it
+    pick = min if keep_best.get('better', 'higher') == 'lower' else max
+    return pick(order, key=lambda it: means[it]), {it: means[it] for it in order}
 
 
 def kept_state_line(experiment_dir, keep_best):

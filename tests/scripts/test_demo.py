@@ -125,3 +125,4 @@ def test_report_names_the_stage2_state_that_keep_best_kept(tmp_path):
     (vis / 'metrics_demo_select_300.csv').write_text('image,psnr_level1\nmean,24.0\n', encoding='utf-8')
     (vis / 'metrics_demo_select_600.csv').write_text('image,psnr_level1\nmean,24.5\n', encoding='utf-8')
     assert 'iteration 0 (the untrained MSRM' in report.kept_state_line(str(tmp_path), keep_best)
+    assert report.kept_state(str(tmp_path), dict(keep_best, better='lower'))[0] == 300  # e.g. a colour error
