@@ -248,10 +248,15 @@ def train_pipeline(root_path, argv=None):
     pbar = tqdm(total=total_iters, initial=current_iter, unit='it', desc=opt['name'], dynamic_ncols=True,
                 disable=not show_pbar)
 
-    if val_opt is not None and val_loaders and val_opt.get('keep_best') and current_iter == 0:
-        # the starting network is a candidate too (e.g. a stage 2 that starts as stage 1's image)
+    validates = val_opt is not None and bool(val_loaders)
+
+    def validate(at_iter):
         for val_loader in val_loaders:
-            model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
+            model.validation(val_loader, at_iter, tb_logger, val_opt.get('save_img', False))
+
+    if validates and val_opt.get('keep_best') and current_iter == 0:
+        # the starting network is a candidate too (e.g. a stage 2 that starts as stage 1's image)
+        validate(current_iter)
     logger.info(f'Start training from epoch: {start_epoch}, iter: {current_iter}')
     data_timer, iter_timer = AvgTimer(), AvgTimer()
     start_time = time.time()
@@ -287,9 +292,8 @@ def train_pipeline(root_path, argv=None):
                     msg_logger(log_vars)
                     loss_csv(dict(iter=current_iter, **log))
                 # validation first: the state saved at this iteration then holds its best metric values
-                if val_opt is not None and val_loaders and current_iter % val_opt['val_freq'] == 0:
-                    for val_loader in val_loaders:
-                        model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
+                if validates and current_iter % val_opt['val_freq'] == 0:
+                    validate(current_iter)
                 if current_iter % opt['logger']['save_checkpoint_freq'] == 0:
                     logger.info('Saving models and training states.')
                     model.save(epoch, current_iter)
@@ -309,9 +313,8 @@ def train_pipeline(root_path, argv=None):
     logger.info(f'End of training. Time consumed: {consumed}')
     logger.info('Save the latest model.')
     model.save(epoch=-1, current_iter=-1)
-    if val_opt is not None and val_loaders and current_iter % val_opt['val_freq'] != 0:  # else just done
-        for val_loader in val_loaders:
-            model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
+    if validates and current_iter % val_opt['val_freq'] != 0:  # else just done
+        validate(current_iter)
     if tb_logger:
         tb_logger.close()
     return model
